@@ -185,7 +185,7 @@ def weight_shape(module: nn.Module) -> tuple[int, int]:
 
 def _matches(name: str, pattern: str) -> bool:
     if any(ch in pattern for ch in "*?["):
-        return fnmatch.fnmatch(name, pattern)
+        return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, "*." + pattern)
     return name == pattern or name.endswith("." + pattern)
 
 
