@@ -263,5 +263,3 @@ def validate(c: ExperimentConfig) -> None:
     if c.data.test_file is not None:
         _require(Path(c.data.test_file).expanduser().is_file(), "data.test_file", c.data.test_file,
                  "an existing file or null")
-    _require(c.method.init.source != "clients" or c.method.name == "fedsb", "method.init.source",
-             c.method.init.source, "'server' unless method.name is 'fedsb' (only Fed-SB's init uses data)")
