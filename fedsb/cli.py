@@ -1,0 +1,231 @@
+"""The `fedsb` command. Each subcommand is one `Subcommand` entry in SUBCOMMANDS.
+
+The CLI only parses arguments and prints; the work is done by the library (`fedsb.comm`,
+...). To add a subcommand (run, demo, sweep, plot), write its `add_arguments` and `run`
+functions and append a `Subcommand` to SUBCOMMANDS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from fedsb import comm
+from fedsb.methods import METHODS
+from fedsb.models import TASKS, TINY_MODELS, find_target_modules
+
+DEFAULT_RANK = 8
+REFERENCE_METHOD = "fedsb"  # upload ratios are taken against Fed-SB
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]  # returns the exit status
+
+
+# fedsb comm ----------------------------------------------------------------------------------
+
+def _comm_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", default="default",
+        help=f"a shipped architecture config ({', '.join(comm.shipped_configs())}), a config JSON path, "
+             f"a local model directory, 'default' (packaged MiniLM) or a tiny test model "
+             f"({', '.join(TINY_MODELS)}); built on the meta device, no weights (default: %(default)s)")
+    parser.add_argument(
+        "--method", action="append", metavar="NAME",
+        help=f"repeatable; one of {', '.join(METHODS)}, or 'all' (default: all)")
+    parser.add_argument(
+        "--rank", action="append", metavar="R|METHOD=R",
+        help=f"adapter rank: an integer for every method, or METHOD=R for one (repeatable, e.g. "
+             f"--rank fedsb=200 --rank fedex=32) (default: {DEFAULT_RANK})")
+    parser.add_argument("--targets",
+                        help="comma-separated target module patterns (default: per architecture)")
+    parser.add_argument("--clients", type=int, default=1, metavar="K",
+                        help="clients sampled per round (default: %(default)s)")
+    parser.add_argument("--bytes-per-element", type=int, default=4,
+                        help="bytes per transmitted element, 4 = float32 (default: %(default)s)")
+    parser.add_argument("--task", choices=TASKS,
+                        help="classification (trained head) or causal_lm (no trained head); default: "
+                             "causal_lm for architecture configs, classification otherwise")
+    parser.add_argument("--num-labels", type=int, default=2,
+                        help="classes of the classification head (default: %(default)s)")
+    parser.add_argument("--init-source", choices=("server", "clients", "pooled"), default="server",
+                        help="where the LoRA-SB init gradient comes from; 'clients' adds each client's "
+                             "dense gradient upload as one-time 'init' (default: %(default)s)")
+    parser.add_argument("--json", action="store_true", help="print every figure as JSON instead of tables")
+
+
+def parse_methods(values: Sequence[str] | None) -> list[str]:
+    """--method values (repeatable, comma lists allowed, 'all') -> method names in order."""
+    names: list[str] = []
+    for value in values or ["all"]:
+        for name in value.split(","):
+            name = name.strip()
+            for m in (list(METHODS) if name == "all" else [name]):
+                if m not in METHODS:
+                    raise ValueError(f"unknown method {m!r}; accepted: {', '.join(METHODS)}, all")
+                if m not in names:
+                    names.append(m)
+    return names
+
+
+def parse_ranks(values: Sequence[str] | None, methods: Sequence[str]) -> dict[str, int]:
+    """--rank values -> rank per method (METHOD=R wins over a plain R, which wins over the default)."""
+    default, specific = DEFAULT_RANK, {}
+    for value in values or []:
+        name, sep, number = value.rpartition("=")
+        if sep and name not in METHODS:
+            raise ValueError(f"--rank {value!r}: unknown method {name!r}; accepted: {', '.join(METHODS)}")
+        try:
+            rank = int(number)
+        except ValueError:
+            raise ValueError(f"--rank {value!r}: expected an integer or METHOD=INTEGER") from None
+        if rank <= 0:
+            raise ValueError(f"--rank {value!r}: the rank must be positive")
+        if sep:
+            specific[name] = rank
+        else:
+            default = rank
+    return {m: specific.get(m, default) for m in (*methods, REFERENCE_METHOD)}
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str) -> str:
+    """Columns padded to width; `align` has one letter per column, 'l' (left) or 'r' (right)."""
+    widths = [max(len(str(r[i])) for r in (header, *rows)) for i in range(len(header))]
+    lines = []
+    for row in (header, *rows):
+        cells = [str(c).ljust(w) if a == "l" else str(c).rjust(w)
+                 for c, w, a in zip(row, widths, align, strict=True)]
+        lines.append("  ".join(cells).rstrip())
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _params(n: int) -> str:
+    return f"{n:,} ({comm.human_count(n)})" if n >= 1000 else f"{n:,}"
+
+
+def format_comm(target: comm.AccountingModel, task: str, targets: Sequence[str] | None,
+                counts: dict[str, comm.CommCounts], reference: comm.CommCounts, num_clients: int,
+                bytes_per_element: int) -> str:
+    """The readable report of `fedsb comm`."""
+    model = target.model
+    modules = find_target_modules(model, None if targets is None else tuple(targets))
+    head_params = sum(math.prod(shape) for shape in comm.head_shapes(model).values())
+    shown_targets = ", ".join(targets) if targets else "architecture defaults"
+    out = [
+        f"model {target.name}: {model.config.model_type}, {target.source}, meta device (no weights); "
+        f"task {task}",
+        f"targets: {shown_targets} -> {len(modules)} modules; trained head: "
+        + (f"{head_params:,} params" if head_params else "none"),
+        f"K = {num_clients} client(s) per round; {bytes_per_element} bytes per element; "
+        "params: exact count (rounded); bytes in decimal units (1 MB = 10^6 B)",
+        "",
+        "Per round (every round; a client's first round adds the one-time init)",
+    ]
+    rows = []
+    for name, c in counts.items():
+        for d in comm.DIRECTIONS:
+            first = d == "up"  # method and rank once per method
+            rows.append([name if first else "", str(c.rank) if first else "", d,
+                         _params(c.params(d)), comm.human_bytes(c.bytes(d)),
+                         _params(c.params(d, all_clients=True)),
+                         comm.human_bytes(c.bytes(d, all_clients=True)),
+                         _params(c.init_params(d)), comm.human_bytes(c.init_bytes(d))])
+    out.append(_table(["method", "rank", "dir", "per client params", "bytes", f"all K={num_clients} params",
+                       "bytes", "one-time init per client", "bytes"], rows, "lrlrrrrrr"))
+
+    out += ["", "Per component, per client per round (params; init = once, first round only)"]
+    present = {p for c in counts.values() for d in comm.DIRECTIONS for p in c.components(d, first_time=True)}
+    shown = [p for p in comm.METER_COMPONENTS if p in present]
+    rows = []
+    for name, c in counts.items():
+        for d in comm.DIRECTIONS:
+            parts = c.components(d, first_time=True)
+            rows.append([name if d == "up" else "", d, *(f"{parts.get(p, 0):,}" for p in shown)])
+    out.append(_table(["method", "dir", *shown], rows, "ll" + "r" * len(shown)))
+
+    out += ["", f"Upload per client per round relative to Fed-SB (r={reference.rank}: "
+                f"{_params(reference.up)} params)"]
+    rows = [[name, str(c.rank), f"{c.up / reference.up:,.2f}x", f"{c.down / reference.down:,.2f}x"]
+            for name, c in counts.items()]
+    out.append(_table(["method", "rank", "upload vs fedsb", "download vs fedsb"], rows, "lrrr"))
+
+    fedex = counts.get("fedex")
+    if fedex is not None:
+        method = comm.method_for_model(model, "fedex", fedex.rank, targets)
+        factored = comm.factored_residual_params(method, num_clients)
+        adapter_up = fedex.components("up")
+        adapter_up = adapter_up.get("lora_A", 0) + adapter_up.get("lora_B", 0)
+        dense = fedex.components("down").get("residual", 0)
+        out += [
+            "",
+            "FedEx-LoRA: this simulator sends the dense accumulated residual (m x n per module) in every",
+            f"  download: {_params(dense)} params per client per round.",
+            f"  Sent in factored form instead (the stacked B_i and A_i of all K={num_clients} clients, rank "
+            f"K*r={num_clients * fedex.rank}),",
+            f"  each client would download K*r*(m+n) = {_params(factored)} params per round, which is also",
+            f"  K x one client's A_i, B_i upload ({_params(adapter_up)}); that is "
+            f"{factored / reference.down:,.2f}x Fed-SB's per-round download.",
+            "  The Fed-SB paper counts FedEx-LoRA this way; see docs/communication.md.",
+        ]
+    return "\n".join(out)
+
+
+def _comm_run(args: argparse.Namespace) -> int:
+    methods = parse_methods(args.method)
+    ranks = parse_ranks(args.rank, methods)
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()] if args.targets else None
+    if args.clients <= 0 or args.bytes_per_element <= 0:
+        raise ValueError("--clients and --bytes-per-element must be positive")
+    target = comm.accounting_model(args.model, args.task, args.num_labels)
+    task = args.task or comm.default_task(args.model)
+    init_gradients = args.init_source == "clients"
+    counts = comm.count_methods(target.model, methods, ranks, targets, args.clients, args.bytes_per_element,
+                                init_gradients)
+    reference = counts.get(REFERENCE_METHOD) or comm.count(
+        target.model, REFERENCE_METHOD, ranks[REFERENCE_METHOD], targets, args.clients,
+        args.bytes_per_element, init_gradients)
+    if args.json:
+        report = {"model": args.model, "task": task, "counts": {m: c.to_dict() for m, c in counts.items()}}
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_comm(target, task, targets, counts, reference, args.clients, args.bytes_per_element))
+    return 0
+
+
+SUBCOMMANDS: list[Subcommand] = [
+    Subcommand("comm", "closed-form communication per method: parameters and bytes per round, "
+               "per client and for all K clients, and one-time init", _comm_arguments, _comm_run),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedsb", description="Federated fine-tuning simulator.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for command in SUBCOMMANDS:
+        p = sub.add_parser(command.name, help=command.help, description=command.help)
+        command.add_arguments(p)
+        p.set_defaults(_run=command.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `fedsb` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args._run(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"fedsb {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
