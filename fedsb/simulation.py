@@ -1,0 +1,203 @@
+"""What a server or a client process does, in plain tensors (no Flower here).
+
+A `Worker` is created once per process and config: it holds the frozen base model with the
+method's adapters, the tokenizer, and the experiment's data. A virtual client costs only its
+adapter state: `train_client` loads that state into the shared model, trains, and returns
+the upload. The Flower apps in `server/` and `clients/` translate messages and call these.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+from datasets import Dataset
+
+from fedsb.adapters import State, extract_state, load_state
+from fedsb.config import ExperimentConfig
+from fedsb.data import iterate_batches, load_task, partition_dataset, partition_stats, tokenize
+from fedsb.init import accumulate_gradients
+from fedsb.methods import FederatedMethod, build_method
+from fedsb.models import find_target_modules, load_model, load_tokenizer
+from fedsb.train import TrainResult, evaluate, train_local
+
+logger = logging.getLogger(__name__)
+
+# The server-held split used for the LoRA-SB init (init.source = server) is carved out of the
+# training pool before partitioning: clients never see it.
+SERVER_SPLIT_FRACTION = 0.05
+
+
+@dataclass
+class TaskData:
+    train: Dataset  # the clients' pool (partitioned)
+    test: Dataset  # the server's centralised evaluation set
+    server: Dataset  # the server-held (public) split for the LoRA-SB init
+    partitions: list[Dataset]
+    label_names: list[str]
+
+    def stats(self) -> list[list[int]]:
+        return partition_stats(self.partitions, len(self.label_names))
+
+
+def load_task_data(config: ExperimentConfig) -> TaskData:
+    """Load, split and partition the experiment's data, deterministically from the seed."""
+    d, p = config.data, config.partition
+    train, test, names = load_task(
+        d.source, text_column=d.text_column, label_column=d.label_column, test_file=d.test_file,
+        num_examples=d.num_examples or None, num_test=d.max_test_examples or None,
+        test_fraction=d.test_fraction, num_classes=d.num_classes, seed=config.seed,
+    )
+    n_server = max(config.method.init.num_samples, int(SERVER_SPLIT_FRACTION * len(train)))
+    parts = train.train_test_split(test_size=n_server, seed=config.seed)
+    pool, server = parts["train"].flatten_indices(), parts["test"].flatten_indices()
+    partitions = partition_dataset(pool, config.federation.num_clients, p.scheme, alpha=p.alpha,
+                                   classes_per_client=p.classes_per_client, seed=config.seed)
+    return TaskData(pool, test, server, partitions, names)
+
+
+def sample_clients(client_ids: list[int], count: int, seed: int, server_round: int) -> list[int]:
+    """A reproducible cohort: depends only on the ids, the seed and the round."""
+    rng = random.Random(f"fedsb-cohort-{seed}-{server_round}")
+    return sorted(rng.sample(sorted(client_ids), min(count, len(client_ids))))
+
+
+class Worker:
+    """One base model with adapters, one tokenizer, one copy of the data: per process."""
+
+    def __init__(self, config: ExperimentConfig):
+        self.config = config
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+        self.data = load_task_data(config)
+        m = config.model
+        num_labels = len(self.data.label_names)
+        self.model = load_model(m.name, task=m.task, num_labels=num_labels, seed=config.seed)
+        self.tokenizer = load_tokenizer(m.name)
+        targets = find_target_modules(self.model, m.target_modules)
+        options = {"init_lr": config.init_lr} if config.method.name == "fedsb" else {}
+        self.method: FederatedMethod = build_method(
+            config.method.name, self.model, targets, config.method.rank, config.lora_alpha, **options)
+
+    def tokens(self, dataset: Dataset) -> dict[str, torch.Tensor]:
+        return tokenize(dataset, self.tokenizer, self.config.model.max_length)
+
+    @cached_property
+    def test_tokens(self) -> dict[str, torch.Tensor]:
+        return self.tokens(self.data.test)
+
+    # -- client side -----------------------------------------------------------------------
+    def train_client(self, partition_id: int, state: State, server_round: int
+                     ) -> tuple[State, TrainResult]:
+        """Load the client's full adapter state, train locally, return what it uploads."""
+        t = self.config.train
+        load_state(self.model, state)
+        data = self.tokens(self.data.partitions[partition_id])
+        seed = hash_seed(self.config.seed, server_round, partition_id)
+        torch.manual_seed(seed)  # dropout: reproducible per (seed, round, client)
+
+        def batches():
+            epoch = 0
+            while True:
+                yield from iterate_batches(data, t.batch_size, seed=seed + epoch)
+                epoch += 1
+
+        result = train_local(self.model, self.method, batches(), t.local_steps, t.lr, t.optimizer)
+        return self.method.upload(extract_state(self.model, self.method.trained)), result
+
+    def client_gradients(self, partition_id: int) -> tuple[dict[str, torch.Tensor], int]:
+        """A client's summed init gradient over up to init.num_samples of its examples."""
+        data = self.tokens(self.data.partitions[partition_id])
+        n = min(self.config.method.init.num_samples, len(data["labels"]))
+        return self._gradients(data, n), n
+
+    def evaluate_client(self, partition_id: int, state: State) -> dict[str, float]:
+        load_state(self.model, state)
+        return evaluate(self.model, iterate_batches(self.tokens(self.data.partitions[partition_id]),
+                                                    self.config.eval.batch_size, shuffle=False))
+
+    # -- server side -----------------------------------------------------------------------
+    def _gradients(self, data: dict[str, torch.Tensor], num_samples: int) -> dict[str, torch.Tensor]:
+        batches = iterate_batches(data, self.config.train.batch_size, shuffle=False)
+        return accumulate_gradients(self.model, list(self.method.specs), batches, num_samples)
+
+    def initial_state(self, client_gradients: list[dict[str, torch.Tensor]] | None = None) -> State:
+        """The global state before round 1; Fed-SB's init from the configured gradient source."""
+        gradients = None
+        if self.method.name == "fedsb":
+            source = self.config.method.init.source
+            n = self.config.method.init.num_samples
+            if source == "server":
+                gradients = self._gradients(self.tokens(self.data.server), n)
+            elif source == "pooled":  # the paper's oracle: all clients' data in one place
+                pooled = self.tokens(self.data.train)
+                gradients = self._gradients(pooled, min(n, len(pooled["labels"])))
+            else:
+                if not client_gradients:
+                    raise ValueError("init.source=clients needs the clients' gradients")
+                gradients = {k: sum(g[k] for g in client_gradients) for k in client_gradients[0]}
+        generator = torch.Generator().manual_seed(self.config.seed)
+        return self.method.initial_state(self.model, generator, gradients)
+
+    def evaluate_global(self, state: State) -> dict[str, float]:
+        load_state(self.model, state)
+        return evaluate(self.model, iterate_batches(self.test_tokens, self.config.eval.batch_size,
+                                                    shuffle=False))
+
+
+def hash_seed(*parts: int) -> int:
+    """A stable 31-bit seed from integers (Python's hash() of str is salted per process)."""
+    value = 0
+    for part in parts:
+        value = (value * 1_000_003 + int(part)) % (2**31 - 1)
+    return value
+
+
+_WORKERS: dict[str, Worker] = {}
+
+
+def get_worker(config: ExperimentConfig) -> Worker:
+    """The process's Worker for this config (created on first use, then reused)."""
+    cache_key = json.dumps(config.to_dict(), sort_keys=True)
+    if cache_key not in _WORKERS:
+        _WORKERS.clear()  # one base model per process
+        _WORKERS[cache_key] = Worker(config)
+    return _WORKERS[cache_key]
+
+
+def run_in_process(config: ExperimentConfig, log=print) -> list[dict]:
+    """The federated loop in one process, without Flower: a quick look at the core.
+
+    Same Worker, sampling, aggregation and evaluation as the Flower app; bytes are the
+    closed-form counts of `fedsb.comm` (the Flower app measures real messages instead).
+    """
+    from fedsb.comm import closed_form, head_shapes
+
+    worker = get_worker(config)
+    method = worker.method
+    counts = closed_form(method, head=head_shapes(worker.model))
+    state = worker.initial_state()
+    seen: set[int] = set()
+    rows = []
+    for server_round in range(1, config.federation.rounds + 1):
+        cohort = sample_clients(list(range(config.federation.num_clients)), config.clients_per_round(),
+                                config.seed, server_round)
+        uploads, weights = [], []
+        for client in cohort:
+            upload, result = worker.train_client(client, state, server_round)
+            uploads.append(upload)
+            weights.append(result.examples)
+        state = method.aggregate(state, uploads, weights)
+        first_timers = len(set(cohort) - seen)
+        seen.update(cohort)
+        metrics = worker.evaluate_global(state)
+        row = {"round": server_round, "accuracy": metrics["accuracy"], "loss": metrics["loss"],
+               "bytes_up": counts.bytes("up") * len(cohort),
+               "bytes_down": counts.bytes("down") * len(cohort) + counts.init_bytes("down") * first_timers}
+        rows.append(row)
+        log(f"[{method.name}] round {server_round}: accuracy {row['accuracy']:.3f} loss {row['loss']:.3f} "
+            f"| up {row['bytes_up']:,} B, down {row['bytes_down']:,} B")
+    return rows
