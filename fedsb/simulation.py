@@ -71,7 +71,6 @@ class Worker:
 
     def __init__(self, config: ExperimentConfig):
         self.config = config
-        torch.set_num_threads(max(1, torch.get_num_threads()))
         self.data = load_task_data(config)
         m = config.model
         num_labels = len(self.data.label_names)
