@@ -17,7 +17,7 @@ from functools import cached_property
 import torch
 from datasets import Dataset
 
-from fedsb.adapters import State, extract_state, load_state
+from fedsb.adapters import HEAD, State, extract_state, load_state
 from fedsb.config import ExperimentConfig
 from fedsb.data import iterate_batches, load_task, partition_dataset, partition_stats, tokenize
 from fedsb.init import accumulate_gradients
@@ -80,6 +80,9 @@ class Worker:
         options = {"init_lr": config.init_lr} if config.method.name == "fedsb" else {}
         self.method: FederatedMethod = build_method(
             config.method.name, self.model, targets, config.method.rank, config.lora_alpha, **options)
+        # The model is shared by every client and run of this process: remember the head's
+        # initial weights so each run starts from them, not from the last state loaded.
+        self.initial_head = extract_state(self.model, (HEAD,))
 
     def tokens(self, dataset: Dataset) -> dict[str, torch.Tensor]:
         return tokenize(dataset, self.tokenizer, self.config.model.max_length)
@@ -125,6 +128,9 @@ class Worker:
 
     def initial_state(self, client_gradients: list[dict[str, torch.Tensor]] | None = None) -> State:
         """The global state before round 1; Fed-SB's init from the configured gradient source."""
+        # Start from the base model itself: zero adapters, the head's initial weights.
+        adapters = extract_state(self.model, ("lora_A", "lora_B", "lora_R", "residual"))
+        load_state(self.model, {**{k: torch.zeros_like(v) for k, v in adapters.items()}, **self.initial_head})
         gradients = None
         if self.method.name == "fedsb":
             source = self.config.method.init.source
