@@ -17,7 +17,7 @@ from functools import cached_property
 import torch
 from datasets import Dataset
 
-from fedsb.adapters import HEAD, State, extract_state, load_state
+from fedsb.adapters import COMPONENTS, HEAD, State, extract_state, load_state
 from fedsb.config import ExperimentConfig
 from fedsb.data import iterate_batches, load_task, partition_dataset, partition_stats, tokenize
 from fedsb.init import accumulate_gradients
@@ -129,7 +129,7 @@ class Worker:
     def initial_state(self, client_gradients: list[dict[str, torch.Tensor]] | None = None) -> State:
         """The global state before round 1; Fed-SB's init from the configured gradient source."""
         # Start from the base model itself: zero adapters, the head's initial weights.
-        adapters = extract_state(self.model, ("lora_A", "lora_B", "lora_R", "residual"))
+        adapters = extract_state(self.model, COMPONENTS)
         load_state(self.model, {**{k: torch.zeros_like(v) for k, v in adapters.items()}, **self.initial_head})
         gradients = None
         if self.method.name == "fedsb":
