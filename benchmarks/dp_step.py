@@ -49,12 +49,13 @@ def setup(name: str, rank: int, batch: dict[str, torch.Tensor]):
     """A fresh MiniLM with the method's adapters and its initial state (Fed-SB: LoRA-SB init)."""
     model = load_model("default", task="classification", num_labels=2)
     targets = find_target_modules(model)
-    options = {"init_lr": 5e-3} if name == "fedsb" else {}
-    method = build_method(name, model, targets, rank, float(rank), **options)
+    method = build_method(name, model, targets, rank, float(rank))
     gradients = None
     if name == "fedsb":
         gradients = accumulate_gradients(model, targets, [batch], len(batch["labels"]))
-    load_state(model, method.initial_state(model, torch.Generator().manual_seed(0), gradients))
+    # lr_eff at the authors' scale: 5e-3 over 8 rounds of 10 local steps (see ExperimentConfig.init_lr)
+    generator = torch.Generator().manual_seed(0)
+    load_state(model, method.initial_state(model, generator, gradients, lr_eff=5e-3 / 80))
     return model, method
 
 

@@ -128,7 +128,9 @@ def train(message: Message, context: Context) -> Message:
             return Message(RecordDict({METRICS_RECORD: MetricRecord({REFUSED: 1, **ledger.metrics()}),
                                        "refusal": ConfigRecord({"reason": reason})}), reply_to=message)
         upload, result = worker.train_client(_partition_id(context), state, server_round, ledger)
-    metrics = {NUM_EXAMPLES: result.examples, "steps": result.steps, **(ledger.metrics() if ledger else {})}
+    # The aggregation weight: the client's number of training examples (FedAvg), or 1 (uniform).
+    weight = worker.aggregation_weight(_partition_id(context))
+    metrics = {NUM_EXAMPLES: weight, "steps": result.steps, **(ledger.metrics() if ledger else {})}
     if math.isfinite(result.loss):  # DP training does not release its loss
         metrics["train-loss"] = result.loss
     return Message(RecordDict({ADAPTER_RECORD: to_record(upload), METRICS_RECORD: MetricRecord(metrics)}),

@@ -231,9 +231,9 @@ def _demo_run(args: argparse.Namespace) -> int:
         config = load_config(None, {**overrides, "method.name": name})
         rows = run_in_process(config, log=lambda line: print(line, flush=True))
         finals[name] = rows[-1]
-    print("\nmethod  final accuracy  bytes up (total)  bytes down (total)")
+    print("\nmethod  final val accuracy  bytes up (last round)  bytes down (last round)")
     for name, row in finals.items():
-        print(f"{name:<6}  {row['accuracy']:>14.3f}  {row['bytes_up']:>16,}  {row['bytes_down']:>18,}")
+        print(f"{name:<6}  {row['val_accuracy']:>18.3f}  {row['bytes_up']:>21,}  {row['bytes_down']:>22,}")
     return 0
 
 

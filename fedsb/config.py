@@ -6,6 +6,7 @@ Every error is a ConfigError whose message is one line naming the key and what i
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -15,6 +16,38 @@ from typing import Any, Literal
 import yaml
 
 METHOD_NAMES = ("fedit", "ffa", "fedex", "fedsb")
+
+
+class NumberLoader(yaml.SafeLoader):
+    """YAML's safe loader, reading numbers as YAML 1.2 and Python do: 1e-3, 5E-4, .5, 1_000.
+
+    PyYAML implements YAML 1.1, where a float needs a dot: `lr: 1e-3` would be the string '1e-3'.
+    """
+
+
+NumberLoader.yaml_implicit_resolvers = {
+    k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+NumberLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?(?:[eE][-+]?[0-9]+)?|\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?)$"),
+    list("-+0123456789."))
+
+
+def _construct_number(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int | float:
+    """An integer where the text is one (1_000 -> 1000), else a float (1e-3 -> 0.001)."""
+    text = str(loader.construct_scalar(node)).replace("_", "")
+    try:
+        return int(text)
+    except ValueError:
+        return loader.construct_yaml_float(node)
+
+
+NumberLoader.add_constructor("tag:yaml.org,2002:float", _construct_number)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML text with `NumberLoader` (every config file, override and sweep file goes through here)."""
+    return yaml.load(text, Loader=NumberLoader)  # noqa: S506 - NumberLoader is a SafeLoader
 
 
 class ConfigError(ValueError):
@@ -39,6 +72,11 @@ class DataConfig:
     num_examples: int = 4000  # synthetic: examples generated; files: at most this many (0: all)
     num_classes: int = 4  # synthetic only
     max_test_examples: int = 1000  # centralised evaluation set size (0: all)
+    # The server's validation split, which every choice looks at (the best round, a tuned lr): a
+    # local file, else this fraction of the training pool held out (clients never see it).
+    val_file: str | None = None
+    val_fraction: float = 0.1
+    max_val_examples: int = 500  # validation set size (0: all)
 
 
 @dataclass
@@ -52,7 +90,7 @@ class PartitionConfig:
 class InitConfig:
     source: Literal["server", "clients", "pooled"] = "server"  # where LoRA-SB's init gradient comes from
     num_samples: int = 64  # examples whose gradient is accumulated
-    lr: float | None = None  # lr_eff of the first-update estimate; None: train.lr
+    lr: float | None = None  # lr_eff of the first-update estimate; None: train.lr / client steps in the run
 
 
 @dataclass
@@ -68,6 +106,12 @@ class FederationConfig:
     num_clients: int = 8
     rounds: int = 5
     clients_per_round: float = 1.0  # a fraction in (0, 1] of num_clients, or an integer count > 1
+    # Aggregation weights: each client's number of training examples (FedAvg), or a plain mean
+    # (the Fed-SB authors'; under DP it also keeps a client's dataset size unreleased).
+    weighting: Literal["examples", "uniform"] = "examples"
+    # The centralised reference (not federated): the same model, adapter and total number of
+    # optimiser steps, on all the clients' data pooled in one client (see `centralise`).
+    centralised: bool = False
 
 
 @dataclass
@@ -127,8 +171,22 @@ class ExperimentConfig:
         return float(self.method.alpha if self.method.alpha is not None else self.method.rank)
 
     @property
+    def client_steps(self) -> int:
+        """The optimiser steps one client takes over the whole run (if sampled every round)."""
+        return self.federation.rounds * self.train.local_steps
+
+    @property
     def init_lr(self) -> float:
-        return self.method.init.lr if self.method.init.lr is not None else self.train.lr
+        """lr_eff of LoRA-SB's first-update estimate -lr_eff * sign(G).
+
+        The authors' rule: the training lr divided by the number of optimiser steps
+        (`eff_lr = lr / (warmup_ratio * total_steps)` in the lora-sb and fed-sb training scripts,
+        `lr / (len(train_loader) * local_epochs)` in Fed-SB's private script); here the steps a
+        client takes in the run, rounds x local steps. `method.init.lr` overrides it.
+        """
+        if self.method.init.lr is not None:
+            return self.method.init.lr
+        return self.train.lr / self.client_steps
 
     def clients_per_round(self) -> int:
         """The cohort size per round."""
@@ -229,7 +287,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r}: expected key=value, e.g. method.rank=16")
     k, _, raw = text.partition("=")
-    return k.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    return k.strip(), load_yaml(raw) if raw.strip() else ""
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
@@ -240,14 +298,33 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         if not path.is_file():
             raise ConfigError(f"config: file {path} does not exist")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = load_yaml(path.read_text()) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"config: {path} is not valid YAML ({str(err).splitlines()[0]})") from err
     for k, v in (overrides or {}).items():
         _set_dotted(data, k, v)
     config = _build(ExperimentConfig, data, "")
     validate(config)
-    return config
+    return centralise(config) if config.federation.centralised else config
+
+
+def centralise(config: ExperimentConfig) -> ExperimentConfig:
+    """The centralised reference of a federated config: one client holding the pool of every
+    client's data, taking per round the steps the whole cohort took (cohort x local steps), so
+    that the model, the adapter, the data and the total number of optimiser steps are the same.
+
+    Idempotent (a centralised config has a cohort of one), so a resolved config.yaml reloads
+    to itself. The learning rate is the config's own: a sweep tunes it like any other setting's.
+    """
+    cohort = config.clients_per_round()
+    c = dataclasses.replace(
+        config,
+        federation=dataclasses.replace(config.federation, num_clients=1, clients_per_round=1.0),
+        train=dataclasses.replace(config.train, local_steps=config.train.local_steps * cohort),
+        partition=dataclasses.replace(config.partition, scheme="iid"),
+    )
+    validate(c)
+    return c
 
 
 def _require(condition: bool, key: str, value: Any, accepted: str) -> None:
@@ -281,13 +358,17 @@ def validate(c: ExperimentConfig) -> None:
              "a number in (0, 1)")
     _require(c.data.num_examples >= 0, "data.num_examples", c.data.num_examples, "an integer >= 0")
     _require(c.data.num_classes >= 2, "data.num_classes", c.data.num_classes, "an integer >= 2")
+    _require(0 < c.data.val_fraction < 1, "data.val_fraction", c.data.val_fraction, "a number in (0, 1)")
+    _require(c.data.max_val_examples >= 0, "data.max_val_examples", c.data.max_val_examples,
+             "an integer >= 0")
     source = c.data.source
     if source != "synthetic" and not source.startswith("hf:"):
         _require(Path(source).expanduser().is_file(), "data.source", source,
                  "'synthetic', 'hf:<dataset name>', or an existing csv/tsv/json/jsonl/parquet file")
-    if c.data.test_file is not None:
-        _require(Path(c.data.test_file).expanduser().is_file(), "data.test_file", c.data.test_file,
-                 "an existing file or null")
+    for name in ("test_file", "val_file"):
+        value = getattr(c.data, name)
+        if value is not None:
+            _require(Path(value).expanduser().is_file(), f"data.{name}", value, "an existing file or null")
     # privacy (fedsb.privacy) --------------------------------------------------------------
     pv = c.privacy
     _require(pv.epsilon > 0, "privacy.epsilon", pv.epsilon, "a positive number")
@@ -335,8 +416,8 @@ def from_run_config(run_config: typing.Mapping[str, Any], app_dir: str | Path) -
         if value not in _UNSET:
             # Flower does not type-check overrides (seed='7' arrives as a string): parse as YAML.
             parse = isinstance(value, str) and run_key != "output-dir"
-            overrides[config_key] = yaml.safe_load(value) if parse else value
+            overrides[config_key] = load_yaml(value) if parse else value
     epsilon = run_config.get("privacy-epsilon")
     if epsilon not in _UNSET:  # a target epsilon turns DP-SGD on
-        overrides.update({"privacy.enabled": True, "privacy.epsilon": yaml.safe_load(str(epsilon))})
+        overrides.update({"privacy.enabled": True, "privacy.epsilon": load_yaml(str(epsilon))})
     return load_config(path, overrides)

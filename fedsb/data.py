@@ -416,7 +416,8 @@ def load_hf(name: str, *, split: str = "train", config: str | None = None,
 # The entry point
 # --------------------------------------------------------------------------------------------
 
-def _subsample(ds: Dataset, limit: int | None, seed: int) -> Dataset:
+def subsample(ds: Dataset, limit: int | None, seed: int) -> Dataset:
+    """A seeded random subset of at most `limit` examples (None: all)."""
     if limit is None or limit >= len(ds):
         return ds
     return ds.shuffle(seed=seed).select(range(limit))
@@ -503,8 +504,8 @@ def load_task(
         train, test = split_train_test(train, test_fraction, seed)
     else:
         test = _make_dataset(test_raw[0], encode_labels(test_raw[1], names, test_where), names)
-    train = _subsample(train, num_examples, seed)
-    test = _subsample(test, num_test, seed)
+    train = subsample(train, num_examples, seed)
+    test = subsample(test, num_test, seed)
     logger.info("task %s: %d train / %d test examples, %d classes", source, len(train), len(test),
                 len(names))
     return train, test, names

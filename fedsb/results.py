@@ -2,9 +2,10 @@
 
     <output_dir>/<run name>/
         config.yaml     the resolved config
-        metrics.jsonl   one row per round
+        metrics.jsonl   one row per round (the global state on the validation split)
         comm.csv        one row per (round, client, direction, component) from the meter
-        summary.json    final/best accuracy, bytes by direction and component, wall time, ...
+        summary.json    test accuracy at the round chosen on validation and at the last round,
+                        validation accuracy per choice, bytes by direction and component, ...
         partition.png   label distribution per client
         adapter/        the final global adapter in PEFT LoRA format (merged/ too for FedEx-LoRA)
 """
@@ -77,7 +78,8 @@ class RunRecorder:
     """Writes a run's per-round outputs as they happen: metrics.jsonl, comm.csv and one log line.
 
     `end_round` is called once per round (round 0 = before training: the initial evaluation
-    and any init traffic), after the round's messages have been metered.
+    and any init traffic), after the round's messages have been metered, with the evaluation of
+    the global state on the validation split.
     """
 
     def __init__(self, run_dir: Path, meter: Meter, label: str, log: Callable[[str], None] = print):
@@ -95,7 +97,8 @@ class RunRecorder:
         down = self.meter.total("bytes", round=server_round, direction="down")
         previous = self.rows[-1] if self.rows else {"cum_bytes_up": 0, "cum_bytes_down": 0}
         row = {
-            "round": server_round, "accuracy": evaluation.get("accuracy"), "loss": evaluation.get("loss"),
+            "round": server_round, "val_accuracy": evaluation.get("accuracy"),
+            "val_loss": evaluation.get("loss"),
             "bytes_up": up, "bytes_down": down,
             "cum_bytes_up": previous["cum_bytes_up"] + up,
             "cum_bytes_down": previous["cum_bytes_down"] + down,
@@ -109,8 +112,8 @@ class RunRecorder:
             writer = csv.writer(f)
             for entry in self.meter.select(round=server_round):
                 writer.writerow(dataclasses.astuple(entry))
-        line = (f"[{self.label}] round {server_round}: accuracy {row['accuracy']:.3f} "
-                f"loss {row['loss']:.3f} | "
+        line = (f"[{self.label}] round {server_round}: val accuracy {row['val_accuracy']:.3f} "
+                f"val loss {row['val_loss']:.3f} | "
                 f"up {up:,} B, down {down:,} B (total up {row['cum_bytes_up']:,} B, "
                 f"down {row['cum_bytes_down']:,} B) | {row['wall_s']:.1f} s")
         if "epsilon_max_all" in row:
@@ -122,18 +125,31 @@ class RunRecorder:
         self.log(line)
         return row
 
-    def summary(self, **fields: Any) -> dict[str, Any]:
-        """summary.json: final and best accuracy, bytes by direction and component, wall time, ..."""
+    def best_row(self) -> dict[str, Any] | None:
+        """The trained round with the best validation accuracy (the first of equals): the chosen point."""
         trained = [r for r in self.rows if r["round"] > 0]
-        best = max(trained, key=lambda r: r["accuracy"], default=None)
+        return max(trained, key=lambda r: r["val_accuracy"], default=None)
+
+    def summary(self, chosen_test: dict[str, float] | None = None, final_test: dict[str, float] | None = None,
+                **fields: Any) -> dict[str, Any]:
+        """summary.json: the test accuracy at the round chosen on validation (`test_accuracy`, the
+        number to report) and at the last round, the validation accuracies, bytes, wall time, ..."""
+        trained = [r for r in self.rows if r["round"] > 0]
+        best = self.best_row()
+        chosen_test, final_test = chosen_test or {}, final_test or {}
         summary = {
             **fields,
             "rounds_completed": len(trained),
-            "initial_accuracy": self.rows[0]["accuracy"] if self.rows else None,
-            "final_accuracy": trained[-1]["accuracy"] if trained else None,
-            "final_loss": trained[-1]["loss"] if trained else None,
-            "best_accuracy": best["accuracy"] if best else None,
+            "selection": "validation",
+            "initial_val_accuracy": self.rows[0]["val_accuracy"] if self.rows else None,
+            "final_val_accuracy": trained[-1]["val_accuracy"] if trained else None,
+            "final_val_loss": trained[-1]["val_loss"] if trained else None,
+            "best_val_accuracy": best["val_accuracy"] if best else None,
             "best_round": best["round"] if best else None,
+            "test_accuracy": chosen_test.get("accuracy"),
+            "test_loss": chosen_test.get("loss"),
+            "final_test_accuracy": final_test.get("accuracy"),
+            "final_test_loss": final_test.get("loss"),
             "communication": self.meter.summary(),
             "wall_s": round(time.monotonic() - self.start, 2),
         }

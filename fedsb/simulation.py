@@ -20,7 +20,16 @@ from datasets import Dataset
 
 from fedsb.adapters import COMPONENTS, HEAD, State, extract_state, load_state
 from fedsb.config import ExperimentConfig
-from fedsb.data import iterate_batches, load_task, partition_dataset, partition_stats, tokenize
+from fedsb.data import (
+    iterate_batches,
+    load_file,
+    load_task,
+    partition_dataset,
+    partition_stats,
+    split_train_test,
+    subsample,
+    tokenize,
+)
 from fedsb.init import accumulate_gradients
 from fedsb.methods import FederatedMethod, build_method
 from fedsb.models import find_target_modules, load_model, load_tokenizer
@@ -39,7 +48,8 @@ SERVER_SPLIT_FRACTION = 0.05
 @dataclass
 class TaskData:
     train: Dataset  # the clients' pool (partitioned)
-    test: Dataset  # the server's centralised evaluation set
+    test: Dataset  # the server's test set: evaluated only at the points a run reports
+    validation: Dataset  # the server's validation set: evaluated every round, the basis of every choice
     server: Dataset  # the server-held (public) split for the LoRA-SB init
     partitions: list[Dataset]
     label_names: list[str]
@@ -56,12 +66,18 @@ def load_task_data(config: ExperimentConfig) -> TaskData:
         num_examples=d.num_examples or None, num_test=d.max_test_examples or None,
         test_fraction=d.test_fraction, num_classes=d.num_classes, seed=config.seed,
     )
+    if d.val_file is not None:
+        validation, _ = load_file(d.val_file, text_column=d.text_column, label_column=d.label_column,
+                                  label_names=names)
+    else:  # held out of the training pool before anything else: no client ever sees it
+        train, validation = split_train_test(train, d.val_fraction, config.seed)
+    validation = subsample(validation, d.max_val_examples or None, config.seed).flatten_indices()
     n_server = max(config.method.init.num_samples, int(SERVER_SPLIT_FRACTION * len(train)))
     parts = train.train_test_split(test_size=n_server, seed=config.seed)
     pool, server = parts["train"].flatten_indices(), parts["test"].flatten_indices()
     partitions = partition_dataset(pool, config.federation.num_clients, p.scheme, alpha=p.alpha,
                                    classes_per_client=p.classes_per_client, seed=config.seed)
-    return TaskData(pool, test, server, partitions, names)
+    return TaskData(pool, test, validation, server, partitions, names)
 
 
 def sample_clients(client_ids: list[int], count: int, seed: int, server_round: int) -> list[int]:
@@ -81,9 +97,8 @@ class Worker:
         self.model = load_model(m.name, task=m.task, num_labels=num_labels, seed=config.seed)
         self.tokenizer = load_tokenizer(m.name)
         targets = find_target_modules(self.model, m.target_modules)
-        options = {"init_lr": config.init_lr} if config.method.name == "fedsb" else {}
         self.method: FederatedMethod = build_method(
-            config.method.name, self.model, targets, config.method.rank, config.lora_alpha, **options)
+            config.method.name, self.model, targets, config.method.rank, config.lora_alpha)
         # The model is shared by every client and run of this process: remember the head's
         # initial weights so each run starts from them, not from the last state loaded.
         self.initial_head = extract_state(self.model, (HEAD,))
@@ -95,9 +110,21 @@ class Worker:
     def test_tokens(self) -> dict[str, torch.Tensor]:
         return self.tokens(self.data.test)
 
+    @cached_property
+    def validation_tokens(self) -> dict[str, torch.Tensor]:
+        return self.tokens(self.data.validation)
+
     # -- client side -----------------------------------------------------------------------
     def client_tokens(self, partition_id: int) -> dict[str, torch.Tensor]:
         return self.tokens(self.data.partitions[partition_id])
+
+    def aggregation_weight(self, partition_id: int) -> int:
+        """What a client reports as its aggregation weight (`federation.weighting`): its number of
+        training examples (FedAvg, McMahan et al. 2017), or 1 for every client (a plain mean, which
+        also keeps the client's dataset size to itself)."""
+        if self.config.federation.weighting == "uniform":
+            return 1
+        return len(self.data.partitions[partition_id])
 
     def train_client(self, partition_id: int, state: State, server_round: int,
                      ledger: PrivacyLedger | None = None) -> tuple[State, TrainResult]:
@@ -173,12 +200,15 @@ class Worker:
                     raise ValueError("init.source=clients needs the clients' gradients")
                 gradients = {k: sum(g[k] for g in client_gradients) for k in client_gradients[0]}
         generator = torch.Generator().manual_seed(self.config.seed)
-        return self.method.initial_state(self.model, generator, gradients)
+        return self.method.initial_state(self.model, generator, gradients, lr_eff=self.config.init_lr)
 
-    def evaluate_global(self, state: State) -> dict[str, float]:
+    def evaluate_global(self, state: State, split: str = "validation") -> dict[str, float]:
+        """The global state on the server's `validation` (every round) or `test` split."""
+        if split not in ("validation", "test"):
+            raise ValueError(f"split must be 'validation' or 'test', got {split!r}")
         load_state(self.model, state)
-        return evaluate(self.model, iterate_batches(self.test_tokens, self.config.eval.batch_size,
-                                                    shuffle=False))
+        tokens = self.validation_tokens if split == "validation" else self.test_tokens
+        return evaluate(self.model, iterate_batches(tokens, self.config.eval.batch_size, shuffle=False))
 
 
 def quiet_libraries() -> None:
@@ -229,17 +259,18 @@ def run_in_process(config: ExperimentConfig, log=print) -> list[dict]:
                                 config.seed, server_round)
         uploads, weights = [], []
         for client in cohort:
-            upload, result = worker.train_client(client, state, server_round)
+            upload, _ = worker.train_client(client, state, server_round)
             uploads.append(upload)
-            weights.append(result.examples)
+            weights.append(worker.aggregation_weight(client))
         state = method.aggregate(state, uploads, weights)
         first_timers = len(set(cohort) - seen)
         seen.update(cohort)
         metrics = worker.evaluate_global(state)
-        row = {"round": server_round, "accuracy": metrics["accuracy"], "loss": metrics["loss"],
+        row = {"round": server_round, "val_accuracy": metrics["accuracy"], "val_loss": metrics["loss"],
                "bytes_up": counts.bytes("up") * len(cohort),
                "bytes_down": counts.bytes("down") * len(cohort) + counts.init_bytes("down") * first_timers}
         rows.append(row)
-        log(f"[{method.name}] round {server_round}: accuracy {row['accuracy']:.3f} loss {row['loss']:.3f} "
+        log(f"[{method.name}] round {server_round}: val accuracy {row['val_accuracy']:.3f} "
+            f"val loss {row['val_loss']:.3f} "
             f"| up {row['bytes_up']:,} B, down {row['bytes_down']:,} B")
     return rows

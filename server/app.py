@@ -43,6 +43,8 @@ def run_server(grid: Grid, run_config: dict[str, Any]) -> FedsbStrategy:
     label = f"{config.method.name} r={config.method.rank}"
     if config.method.name == "fedsb" and config.method.init.source == "pooled":
         label += " ORACLE init (pooled data)"  # the paper's setting, not a federated result
+    if config.federation.centralised:
+        label += " CENTRALISED reference (not federated)"
     if config.privacy.enabled:
         label += f" DP eps<={config.privacy.epsilon:g}" + (" NOT PRIVATE" if _not_private(config) else "")
     log(INFO, "[%s] run directory %s", label, run_dir)
@@ -61,11 +63,16 @@ def run_server(grid: Grid, run_config: dict[str, Any]) -> FedsbStrategy:
     strategy = FedsbStrategy(
         worker.method, state, nodes, clients_per_round=min(config.clients_per_round(), len(nodes)),
         seed=config.seed, meter=meter, client_eval=config.eval.client_eval, ledgers=ledgers,
-        target_epsilon=config.privacy.epsilon if config.privacy.enabled else None)
+        target_epsilon=config.privacy.epsilon if config.privacy.enabled else None,
+        uniform_weights=config.federation.weighting == "uniform")
+    chosen: dict[str, Any] = {}  # the trained round with the best validation accuracy, and its state
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        """Centralised evaluation on the server's test split; also the end-of-round bookkeeping."""
-        evaluation = worker.evaluate_global(to_state(arrays))
+        """Every round: the validation split (which every choice looks at); also the bookkeeping."""
+        round_state = to_state(arrays)
+        evaluation = worker.evaluate_global(round_state, "validation")
+        if server_round > 0 and evaluation["accuracy"] > chosen.get("val_accuracy", -1.0):
+            chosen.update(round=server_round, val_accuracy=evaluation["accuracy"], state=round_state)
         extra: dict[str, Any] = {}
         if server_round in strategy.rounds:
             r = strategy.rounds[server_round]
@@ -77,16 +84,22 @@ def run_server(grid: Grid, run_config: dict[str, Any]) -> FedsbStrategy:
         elif config.privacy.enabled:  # round 0: what the private init (if any) has spent
             extra.update(_epsilon_metrics({}, strategy.ledgers))
         recorder.end_round(server_round, evaluation, **extra)
-        return MetricRecord({"accuracy": evaluation["accuracy"], "loss": evaluation["loss"]})
+        return MetricRecord({"val-accuracy": evaluation["accuracy"], "val-loss": evaluation["loss"]})
 
     strategy.start(grid, to_record(state), num_rounds=config.federation.rounds, evaluate_fn=evaluate)
 
-    summary = recorder.summary(**_summary_fields(config, worker, len(nodes), run_dir),
+    # The test split is looked at only now, at the two points a run reports: the round chosen on
+    # validation, and the last round.
+    final_test = worker.evaluate_global(strategy.global_state, "test")
+    chosen_test = worker.evaluate_global(chosen["state"], "test") if chosen else final_test
+    summary = recorder.summary(chosen_test, final_test,
+                               **_summary_fields(config, worker, len(nodes), run_dir),
                                privacy=_privacy_summary(config, strategy.ledgers))
     export = results.export_adapter(run_dir, _fresh_base_model(config, worker), worker.method,
                                     strategy.global_state, config.model.task)
-    log(INFO, "[%s] final accuracy %.3f (best %.3f, round %s); sent up %s B, down %s B; adapter: %s",
-        label, summary["final_accuracy"], summary["best_accuracy"], summary["best_round"],
+    log(INFO, "[%s] test accuracy %.3f at round %s (chosen on validation: %.3f); last round's test accuracy "
+        "%.3f; sent up %s B, down %s B; adapter: %s", label, summary["test_accuracy"], summary["best_round"],
+        summary["best_val_accuracy"], summary["final_test_accuracy"],
         f"{summary['communication']['up']['bytes']:,}", f"{summary['communication']['down']['bytes']:,}",
         export)
     return strategy
@@ -199,12 +212,21 @@ def _privacy_summary(config: ExperimentConfig, ledgers: dict[int, dict[str, floa
                      "composed over every round (DP-SGD, Opacus)",
         "target_epsilon": config.privacy.epsilon, "accountant": config.privacy.accountant,
         "epsilon_max": max((c["epsilon"] for c in per_client.values()), default=0.0),
+        "released_outside_dp": _released_outside_dp(config),
         "delta_max": max((c["delta"] for c in per_client.values()), default=None),
         "max_grad_norm": config.privacy.max_grad_norm,
         "noise_multiplier_range": [min((c["noise_multiplier"] for c in per_client.values()), default=None),
                                    max((c["noise_multiplier"] for c in per_client.values()), default=None)],
         "per_client": per_client,
     }
+
+
+def _released_outside_dp(config: ExperimentConfig) -> str:
+    """What a private client sends beside its DP-trained tensors, which the epsilon does not cover."""
+    if config.federation.weighting == "examples":
+        return ("each client's number of training examples (its aggregation weight, "
+                "federation.weighting=examples) is sent in the clear; federation.weighting=uniform avoids it")
+    return "nothing: every client reports the weight 1 (federation.weighting=uniform)"
 
 
 def _fresh_base_model(config: ExperimentConfig, worker: Worker):
@@ -220,6 +242,8 @@ def _summary_fields(config: ExperimentConfig, worker: Worker, connected: int, ru
         "seed": config.seed, "model": config.model.name, "data": config.data.source,
         "num_clients": config.federation.num_clients, "connected_clients": connected,
         "clients_per_round": config.clients_per_round(), "rounds": config.federation.rounds,
+        "local_steps": config.train.local_steps, "lr": config.train.lr, "init_lr": config.init_lr,
+        "weighting": config.federation.weighting, "centralised": config.federation.centralised,
         "init_source": init_source,
         "oracle": init_source == "pooled",  # the paper's pooled-data init: not a federated result
         "partition": {"scheme": config.partition.scheme, "alpha": config.partition.alpha,

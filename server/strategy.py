@@ -58,7 +58,8 @@ class FedsbStrategy(FedAvg):
 
     def __init__(self, method: FederatedMethod, initial_state: State, nodes: dict[int, int], *,
                  clients_per_round: int, seed: int, meter: Meter, client_eval: bool = False,
-                 target_epsilon: float | None = None, ledgers: dict[int, dict[str, float]] | None = None):
+                 target_epsilon: float | None = None, ledgers: dict[int, dict[str, float]] | None = None,
+                 uniform_weights: bool = False):
         super().__init__(fraction_train=clients_per_round / len(nodes),
                          fraction_evaluate=1.0 if client_eval else 0.0,
                          min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1)
@@ -74,6 +75,7 @@ class FedsbStrategy(FedAvg):
         self.target_epsilon = target_epsilon  # None: no differential privacy
         self.ledgers = dict(ledgers or {})  # partition id -> its latest privacy metrics
         self.rounds: dict[int, RoundLog] = {}
+        self.uniform_weights = uniform_weights  # a plain mean, whatever sizes the clients report
 
     def summary(self) -> None:
         log(INFO, "\t├──> method %s, rank %d, alpha %s; %d of %d clients per round (seeded)",
@@ -137,7 +139,7 @@ class FedsbStrategy(FedAvg):
             if pid in self.ledgers:
                 round_log.epsilons[pid] = self.ledgers[pid]["epsilon"]
             uploads.append(upload)
-            weights.append(num_examples)
+            weights.append(1 if self.uniform_weights else num_examples)
             losses.append(loss)
         if not uploads:
             log(WARNING, "round %d: no valid update; the global state is unchanged", server_round)

@@ -132,7 +132,7 @@ def test_closed_form_matches_the_methods_real_states(tiny_bert):
                  for name, s in specs.items()}
     for name in TINY_BERT:
         method = get_method(name)(specs, 4, 8.0)
-        state = method.initial_state(tiny_bert, torch.Generator().manual_seed(0), gradients)
+        state = method.initial_state(tiny_bert, torch.Generator().manual_seed(0), gradients, lr_eff=1e-3)
         counts = comm.count(tiny_bert, name, rank=4)
 
         def measured(part):

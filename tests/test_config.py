@@ -2,16 +2,58 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from fedsb.config import ConfigError, load_config, parse_override
+from fedsb.config import ConfigError, from_run_config, load_config, parse_override
 
 
 def test_defaults_and_derived_values():
     c = load_config()
     assert (c.method.name, c.method.rank, c.lora_alpha) == ("fedsb", 8, 8.0)
-    assert c.init_lr == c.train.lr
     assert c.clients_per_round() == c.federation.num_clients  # fraction 1.0
+    assert c.federation.weighting == "examples" and c.federation.centralised is False
+
+
+def test_the_lora_sb_init_lr_is_the_training_lr_over_a_clients_steps_in_the_run():
+    """The authors' rule (lr / total steps); method.init.lr stays an explicit override."""
+    c = load_config(None, {"train.lr": 0.005, "federation.rounds": 4, "train.local_steps": 8})
+    assert c.init_lr == pytest.approx(0.005 / 32)
+    assert load_config(None, {"method.init.lr": 1e-6}).init_lr == 1e-6
+
+
+@pytest.mark.parametrize("text, value", [("1e-3", 0.001), ("5E-4", 0.0005), (".5", 0.5), ("1_000", 1000),
+                                         ("-2e+3", -2000.0), ("0.01", 0.01), ("3", 3)])
+def test_numbers_in_overrides_parse_as_numbers(text, value):
+    key, parsed = parse_override(f"train.lr={text}")
+    assert key == "train.lr" and parsed == value and type(parsed) is type(value)
+    assert parse_override('model.name="1e-3"')[1] == "1e-3"  # quoted: still a string
+
+
+def test_learning_rates_as_ml_users_write_them(tmp_path):
+    assert load_config(None, dict([parse_override("train.lr=1e-3")])).train.lr == 0.001
+    path = tmp_path / "x.yaml"
+    path.write_text("train:\n  lr: 5E-4\ndata:\n  num_examples: 1_000\n")
+    c = load_config(path)
+    assert (c.train.lr, c.data.num_examples) == (0.0005, 1000)
+    app_dir = Path(__file__).resolve().parents[1]
+    run_config = {"config": "configs/default.yaml", "overrides": "train.lr=1e-3; method.init.lr=2.5e-6"}
+    c = from_run_config(run_config, app_dir)
+    assert (c.train.lr, c.method.init.lr) == (0.001, 2.5e-6)
+
+
+def test_the_centralised_reference_pools_every_client_and_keeps_the_total_steps():
+    c = load_config(None, {"federation.num_clients": 8, "federation.clients_per_round": 0.5,
+                           "train.local_steps": 10, "federation.centralised": True})
+    assert (c.federation.num_clients, c.clients_per_round(), c.train.local_steps) == (1, 1, 40)
+    assert c.partition.scheme == "iid" and c.federation.centralised
+    # Idempotent: the resolved config reloads to itself.
+    import dataclasses
+
+    again = load_config(None, {f"{section}.{k}": v for section in ("federation", "train", "partition")
+                               for k, v in dataclasses.asdict(getattr(c, section)).items()})
+    assert again == c
 
 
 def test_yaml_and_overrides(tmp_path):
@@ -37,6 +79,12 @@ def test_yaml_and_overrides(tmp_path):
     ({"data.source": "/no/such/file.csv"}, "data.source: got '/no/such/file.csv'; accepted: 'synthetic'"),
     ({"partition.scheme": "zipf"}, "partition.scheme: got 'zipf'; accepted: one of 'iid', 'dirichlet'"),
     ({"eval.client_eval": "yes"}, "eval.client_eval: got 'yes'; accepted: true or false"),
+    ({"federation.weighting": "size"},
+     "federation.weighting: got 'size'; accepted: one of 'examples', 'uniform'"),
+    ({"data.val_fraction": 1.5}, "data.val_fraction: got 1.5; accepted: a number in (0, 1)"),
+    ({"data.val_file": "/no/such/val.tsv"},
+     "data.val_file: got '/no/such/val.tsv'; accepted: an existing file"),
+    ({"train.lr": "1e-3x"}, "train.lr: got '1e-3x'; accepted: a number"),
 ])
 def test_bad_values_give_one_line_naming_the_key(overrides, message):
     with pytest.raises(ConfigError) as err:

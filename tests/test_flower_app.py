@@ -3,6 +3,7 @@ one real `flwr run` (slow). Tiny BERT, 4 clients (tests/configs/tiny.yaml)."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -72,7 +73,9 @@ def independent_aggregate(method_name: str, scale: float, before: dict, uploads:
                 a, b = key(module, "lora_A"), key(module, "lora_B")
                 mean_product = sum(wi * (u[b].double() @ u[a].double())
                                    for wi, u in zip(w, uploads, strict=True))
-                after[k] = before[k].double() + scale * (mean_product - after[b] @ after[a])
+                # The global B and A are stored in float32: the residual completes *those* to the mean.
+                stored = after[b].float().double() @ after[a].float().double()
+                after[k] = before[k].double() + scale * (mean_product - stored)
     return after
 
 
@@ -220,7 +223,8 @@ def test_exported_adapter_reproduces_the_final_evaluation(runs, method):
     _, _, run_dir = runs[method]
     final = read_metrics(run_dir)[-1]
     worker = get_worker(from_run_config({"config": TINY, "method": method}, APP_DIR))
-    batches = list(iterate_batches(worker.test_tokens, 32, shuffle=False))
+    val_batches = list(iterate_batches(worker.validation_tokens, 32, shuffle=False))
+    test_batches = list(iterate_batches(worker.test_tokens, 32, shuffle=False))
     base = load_model("tiny-bert", task="classification", num_labels=4, seed=0)
     peft_model = PeftModel.from_pretrained(base, run_dir / "adapter")
     if method == "fedex":  # the residual is dense: the exact model is the merged one
@@ -228,9 +232,13 @@ def test_exported_adapter_reproduces_the_final_evaluation(runs, method):
         assert "NOT the trained model" in (run_dir / "adapter" / "FEDSB_README.md").read_text()
     else:
         exact = peft_model
-    result = evaluate(exact, batches)
-    assert result["accuracy"] == final["accuracy"]
-    assert result["loss"] == pytest.approx(final["loss"], rel=1e-5)
+    result = evaluate(exact, val_batches)
+    assert result["accuracy"] == final["val_accuracy"]
+    assert result["loss"] == pytest.approx(final["val_loss"], rel=1e-5)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    test = evaluate(exact, test_batches)
+    assert test["accuracy"] == summary["final_test_accuracy"]
+    assert test["loss"] == pytest.approx(summary["final_test_loss"], rel=1e-5)
 
 
 # --- run outputs and bad input --------------------------------------------------------------------
@@ -245,7 +253,13 @@ def test_run_directory_holds_every_output(runs):
     summary = json.loads((run_dir / "summary.json").read_text())
     rows = read_metrics(run_dir)
     assert [r["round"] for r in rows] == [0, 1, 2]
-    assert summary["final_accuracy"] == rows[-1]["accuracy"]
+    assert summary["final_val_accuracy"] == rows[-1]["val_accuracy"]
+    # The reported point is chosen on validation: the trained round with the best validation accuracy.
+    best = max(rows[1:], key=lambda r: r["val_accuracy"])
+    assert (summary["best_round"], summary["best_val_accuracy"]) == (best["round"], best["val_accuracy"])
+    assert summary["selection"] == "validation" and 0 <= summary["test_accuracy"] <= 1
+    if summary["best_round"] == rows[-1]["round"]:
+        assert summary["test_accuracy"] == summary["final_test_accuracy"]
     assert summary["communication"]["up"]["bytes"] == rows[-1]["cum_bytes_up"] == strategy.meter.total(
         direction="up")
     assert summary["communication"]["down"]["bytes_by_component"]["init"] > 0
@@ -322,5 +336,46 @@ def test_real_flwr_run_completes_and_writes_the_run_directory(tmp_path):
     assert outcome.ok, (outcome.status, outcome.details, lines[-20:])
     summary = json.loads((outcome.run_dir / "summary.json").read_text())
     assert summary["method"] == "ffa" and summary["rounds_completed"] == 2
-    assert any("[ffa r=4] round 2: accuracy" in line for line in lines)
+    assert any("[ffa r=4] round 2: val accuracy" in line for line in lines)
     assert (outcome.run_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+
+# --- aggregation weights and the centralised reference ---------------------------------------------
+
+@pytest.mark.parametrize("weighting", ["examples", "uniform"])
+def test_aggregation_weights_are_the_clients_dataset_sizes_or_uniform(tmp_path, weighting):
+    """FedAvg weights by each client's number of training examples (Dirichlet partitions of
+    different sizes); `uniform` is the plain mean and reports no dataset size."""
+    overrides = f"federation.rounds=1; federation.weighting={weighting}"
+    grid, strategy = simulate(tmp_path, overrides, method="ffa")
+    worker = get_worker(from_run_config({"config": TINY, "overrides": overrides, "method": "ffa"}, APP_DIR))
+    sizes = [len(worker.data.partitions[p]) for p in range(NUM_CLIENTS)]
+    assert len(set(sizes)) > 1
+    sent, replies = train_traffic(grid, 1)
+    reported = [int(replies[p].content[METRICS_RECORD][NUM_EXAMPLES]) for p in range(NUM_CLIENTS)]
+    assert reported == (sizes if weighting == "examples" else [1] * NUM_CLIENTS)
+    weights = torch.tensor(sizes if weighting == "examples" else [1] * NUM_CLIENTS, dtype=torch.float64)
+    weights = weights / weights.sum()
+    uploads = [to_state(replies[p].content[ADAPTER_RECORD]) for p in range(NUM_CLIENTS)]
+    for k in uploads[0]:
+        expected = sum(w * u[k].double() for w, u in zip(weights, uploads, strict=True))
+        assert torch.allclose(strategy.global_state[k].double(), expected, rtol=0, atol=1e-7), k
+
+
+def test_the_centralised_reference_is_a_single_client_run_on_the_pooled_data(tmp_path):
+    """federation.centralised: one client holding every client's data, taking the steps the whole
+    cohort took, equals a plain single-client run of those steps (same seed, same data order)."""
+    federated = get_worker(from_run_config({"config": TINY}, APP_DIR))
+    _, central = simulate(tmp_path / "c", "federation.centralised=true", num_nodes=1)
+    pooled_worker = get_worker(from_run_config({"config": TINY, "overrides": "federation.centralised=true"},
+                                               APP_DIR))
+    pooled = pooled_worker.data.partitions[0]
+    assert sorted(pooled["text"]) == sorted(t for part in federated.data.partitions for t in part["text"])
+    single = ("federation.num_clients=1; partition.scheme=iid; "
+              f"train.local_steps={federated.config.train.local_steps * NUM_CLIENTS}")
+    _, plain = simulate(tmp_path / "s", single, num_nodes=1)
+    assert central.global_state.keys() == plain.global_state.keys()
+    assert all(torch.equal(central.global_state[k], plain.global_state[k]) for k in plain.global_state)
+    assert _metric_rows(tmp_path / "c") == _metric_rows(tmp_path / "s")
+    summary = json.loads((tmp_path / "c" / "summary.json").read_text())
+    assert summary["centralised"] is True and summary["local_steps"] == 8 and summary["num_clients"] == 1

@@ -119,3 +119,36 @@ def test_gradient_through_zero_adapters_equals_the_plain_model_gradient():
     g_adapted = accumulate_gradients(adapted, targets, [batch], 8)
     for name in targets:
         assert torch.allclose(g_plain[name], g_adapted[name], atol=1e-6)
+
+
+def test_the_default_lora_sb_init_leaves_the_packaged_minilm_almost_unchanged():
+    """At the authors' scale (lr_eff = train.lr / a client's steps in the run), s B R0 A is a small
+    perturbation of each pretrained weight (fedsb's earlier default, lr_eff = train.lr, gave a
+    median of 6e-2 and scrambled the [CLS] features before round 1); and R0 is linear in lr_eff."""
+    from pathlib import Path
+
+    from fedsb.adapters import key
+    from fedsb.config import load_config
+    from fedsb.init import lora_sb_init
+    from fedsb.simulation import Worker
+
+    config = load_config(Path(__file__).resolve().parents[1] / "configs/default.yaml")
+    steps = config.federation.rounds * config.train.local_steps
+    assert config.init_lr == pytest.approx(config.train.lr / steps)
+    worker = Worker(config)
+    state = worker.initial_state()
+    ratios = []
+    for name, delta in worker.method.effective_delta(state).items():
+        weight = worker.model.get_submodule(name).base.weight
+        ratios.append(float(delta.norm() / weight.norm()))
+    median = sorted(ratios)[len(ratios) // 2]
+    print(f"||s B R0 A|| / ||W0|| over {len(ratios)} modules: median {median:.2e}, max {max(ratios):.2e}")
+    assert len(ratios) == 36 and median < 1e-2 and max(ratios) < 1e-2
+
+    gradients = worker._gradients(worker.tokens(worker.data.server), config.method.init.num_samples)
+    name = next(iter(gradients))
+    one = lora_sb_init({name: gradients[name]}, 16, 1.0, 1e-4, torch.Generator().manual_seed(0))
+    three = lora_sb_init({name: gradients[name]}, 16, 1.0, 3e-4, torch.Generator().manual_seed(0))
+    r = key(name, "lora_R")
+    assert torch.allclose(three[r], 3 * one[r], rtol=1e-5, atol=0)
+    assert torch.equal(three[key(name, "lora_B")], one[key(name, "lora_B")])

@@ -36,7 +36,7 @@ def setup(arch: str, method_name: str):
     gradients = None
     if method_name == "fedsb":
         gradients = accumulate_gradients(model, targets, [random_batch(99)], num_samples=8)
-    state = method.initial_state(model, torch.Generator().manual_seed(0), gradients)
+    state = method.initial_state(model, torch.Generator().manual_seed(0), gradients, lr_eff=1e-3)
     load_state(model, state)
     return model, method, state
 

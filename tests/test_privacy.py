@@ -51,12 +51,11 @@ def setup(arch: str, method_name: str, task: str = "classification", rank: int =
     """A tiny model with the method's adapters, every adapter tensor non-zero (all get gradients)."""
     model = no_dropout(load_model(arch, task=task, num_labels=3, seed=0))
     targets = find_target_modules(model)
-    options = {"init_lr": 1e-2} if method_name == "fedsb" else {}
-    method = build_method(method_name, model, targets, rank, 2.0 * rank, **options)
+    method = build_method(method_name, model, targets, rank, 2.0 * rank)
     g = torch.Generator().manual_seed(1)
     gradients = {name: torch.randn(spec.out_features, spec.in_features, generator=g)
                  for name, spec in method.specs.items()}
-    state = method.initial_state(model, g, gradients if method_name == "fedsb" else None)
+    state = method.initial_state(model, g, gradients if method_name == "fedsb" else None, lr_eff=1e-2)
     # LoRA's B starts at zero, which would give A zero gradients: perturb every adapter tensor.
     state = {k: v + 0.05 * torch.randn(v.shape, generator=g) if component_of(k) != HEAD else v
              for k, v in state.items()}

@@ -23,12 +23,22 @@ def test_a_round_aggregates_the_client_uploads():
     config = load_config(None, {**TINY, "method.name": "fedsb"})
     worker = Worker(config)
     state = worker.initial_state()
-    uploads = [worker.train_client(c, state, 1) for c in (0, 1)]
-    new = worker.method.aggregate(state, [u for u, _ in uploads], [r.examples for _, r in uploads])
+    uploads = [worker.train_client(c, state, 1)[0] for c in (0, 1)]
+    sizes = [len(worker.data.partitions[c]) for c in (0, 1)]
+    assert sizes[0] != sizes[1]  # Dirichlet partitions of different sizes
+    # FedAvg: weighted by each client's number of training examples.
+    assert [worker.aggregation_weight(c) for c in (0, 1)] == sizes
+    new = worker.method.aggregate(state, uploads, [worker.aggregation_weight(c) for c in (0, 1)])
     k = next(k for k in new if k.endswith("lora_R"))
-    expected = (uploads[0][0][k] + uploads[1][0][k]) / 2  # equal example counts
-    assert torch.allclose(new[k], expected, atol=1e-6)
+    expected = (sizes[0] * uploads[0][k].double() + sizes[1] * uploads[1][k].double()) / sum(sizes)
+    assert torch.allclose(new[k].double(), expected, atol=1e-7)
+    assert not torch.allclose(new[k], (uploads[0][k] + uploads[1][k]) / 2, atol=1e-6)  # not the plain mean
     assert not torch.equal(new[k], state[k])
+    # uniform: the plain mean (the Fed-SB authors').
+    uniform = Worker(load_config(None, {**TINY, "method.name": "fedsb", "federation.weighting": "uniform"}))
+    assert [uniform.aggregation_weight(c) for c in (0, 1)] == [1, 1]
+    new = uniform.method.aggregate(state, uploads, [uniform.aggregation_weight(c) for c in (0, 1)])
+    assert torch.allclose(new[k].double(), (uploads[0][k].double() + uploads[1][k].double()) / 2, atol=1e-7)
 
 
 def test_in_process_loop_is_reproducible():

@@ -82,14 +82,17 @@ class FederatedMethod:
         return (*self.trainable, HEAD)
 
     def initial_adapter_state(self, generator: torch.Generator,
-                              gradients: Mapping[str, torch.Tensor] | None = None) -> State:
-        """The global adapter tensors before round 1 (LoRA init by default)."""
+                              gradients: Mapping[str, torch.Tensor] | None = None,
+                              lr_eff: float | None = None) -> State:
+        """The global adapter tensors before round 1 (LoRA init by default). A gradient-based init
+        uses `gradients` and `lr_eff`, the learning rate of its first-update estimate."""
         return lora_init(self.specs, self.rank, generator)
 
     def initial_state(self, model: nn.Module, generator: torch.Generator,
-                      gradients: Mapping[str, torch.Tensor] | None = None) -> State:
+                      gradients: Mapping[str, torch.Tensor] | None = None, lr_eff: float | None = None
+                      ) -> State:
         """The whole global state before round 1: adapter tensors, residuals, and the head."""
-        state = self.initial_adapter_state(generator, gradients)
+        state = self.initial_adapter_state(generator, gradients, lr_eff)
         if self.residual:
             for name, spec in self.specs.items():
                 state[key(name, "residual")] = torch.zeros(spec.weight_layout)

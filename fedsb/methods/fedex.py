@@ -24,8 +24,9 @@ class FedExLoRA(FederatedMethod):
         w = normalize_weights(weights)
         for name, spec in self.specs.items():
             a, b = key(name, "lora_A"), key(name, "lora_B")
-            mean_of_products = weighted_mean([u[b] @ u[a] for u in uploads], w)
-            gap = self.scale * (mean_of_products.double() - new_state[b].double() @ new_state[a].double())
+            # In float64 throughout: the gap is small beside the products it is the difference of.
+            mean_of_products = weighted_mean([u[b].double() @ u[a].double() for u in uploads], w)
+            gap = self.scale * (mean_of_products - new_state[b].double() @ new_state[a].double())
             gap = gap.T if spec.conv1d else gap
             r = key(name, "residual")
             new_state[r] = (global_state[r].double() + gap).to(torch.float32)

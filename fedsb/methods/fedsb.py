@@ -9,7 +9,7 @@ from collections.abc import Mapping
 
 import torch
 
-from fedsb.adapters import ModuleSpec, State
+from fedsb.adapters import State
 from fedsb.init import lora_sb_init
 from fedsb.methods.base import FederatedMethod
 
@@ -20,12 +20,12 @@ class FedSB(FederatedMethod):
     trainable = ("lora_R",)
     one_time = ("lora_A", "lora_B")
 
-    def __init__(self, specs: Mapping[str, ModuleSpec], rank: int, alpha: float, init_lr: float = 1e-3):
-        super().__init__(specs, rank, alpha)
-        self.init_lr = init_lr  # lr_eff of the first-update estimate -lr_eff * sign(G)
-
     def initial_adapter_state(self, generator: torch.Generator,
-                              gradients: Mapping[str, torch.Tensor] | None = None) -> State:
+                              gradients: Mapping[str, torch.Tensor] | None = None,
+                              lr_eff: float | None = None) -> State:
         if gradients is None:
             raise ValueError("Fed-SB needs the init gradients (see fedsb.init.accumulate_gradients)")
-        return lora_sb_init(gradients, self.rank, self.scale, self.init_lr, generator)
+        if lr_eff is None:
+            raise ValueError("Fed-SB needs lr_eff, the first-update estimate's learning rate "
+                             "(the config's init_lr: train.lr / a client's steps in the run)")
+        return lora_sb_init(gradients, self.rank, self.scale, lr_eff, generator)
