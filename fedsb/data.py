@@ -726,4 +726,26 @@ def iterate_batches(data: Mapping[str, torch.Tensor], batch_size: int, *, shuffl
     stop = n - n % batch_size if drop_last else n
     for start in range(0, stop, batch_size):
         index = order[start:start + batch_size]
-        yield {k: v[index] for k, v in data.items()}
+        yield trim_padding({k: v[index] for k, v in data.items()})
+
+
+def trim_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop the trailing columns that are padding in every row of a batch.
+
+    Texts are padded to `max_length` once, when tokenised; most batches need far fewer columns
+    (SST-2's training phrases average 9 words). A trailing all-padding column is masked out of
+    every attention and (for class labels) out of the loss, so the outputs are unchanged. Only
+    right-padded class-label batches are trimmed: left padding would shift positions, and
+    per-token labels may score padding.
+    """
+    mask = batch.get("attention_mask")
+    labels = batch.get("labels")
+    if mask is None or mask.dim() != 2 or labels is None or labels.dim() != 1 or not len(mask):
+        return batch
+    if bool((mask[:, 0] == 0).any()):  # left padding (or an empty text): leave as it is
+        return batch
+    width = int(mask.sum(1).max())
+    if width == mask.shape[1]:
+        return batch
+    columns = mask.shape[1]
+    return {k: v[:, :width] if v.dim() == 2 and v.shape[1] == columns else v for k, v in batch.items()}

@@ -25,6 +25,29 @@ config validation; a Flower run can fail) is recorded and the sweep goes on.
 The settings every cell shares (the base config's content and `set`) are pinned in
 <sweep dir>/sweep.json on the first run: a second run with other shared settings stops rather
 than mix results of two different experiments in one sweep.csv. The grid may grow.
+
+A list in a linked value expands into one value per element (several lists: their product), for
+a key whose config type is not itself a list (`model.target_modules: [query, value]` stays one
+value). This gives each method its own grid of another key, e.g. its own learning rates:
+
+    grid:
+      method:                                                  # 3 + 2 values
+        - {method.name: fedsb, method.rank: 64, train.lr: [0.003, 0.01, 0.03]}
+        - {method.name: ffa, method.rank: 16, train.lr: [0.0003, 0.001]}
+      seed: [0, 1, 2]                                          # the repetitions
+    tune: train.lr
+
+(Numbers are read as YAML 1.2 and Python read them: 1e-3, 5E-4, .5 and 1_000 are numbers.)
+
+Tuning. With `tune: <config key>` (a key some grid axis sets, typically train.lr), the cells are
+grouped by their grid values less the tuned key and `seed`; in each group the value of the tuned
+key with the highest mean `best_val_accuracy` over its completed seeds is chosen (ties: the first
+in grid order). Selection reads the validation split only; the test accuracy at the chosen value
+(mean and sample std over seeds) is what is reported. At the end of the sweep,
+<sweep dir>/tuned.csv has one row per group (TUNED_FIELDS, with the group's grid values after
+`group`) and a short table is printed; `fedsb plot` reads the same selection (tune_results).
+A run with `federation.centralised: true` (every client's data pooled in one client) is a
+reference, not a federated result, and is labelled so (setting_label).
 """
 
 from __future__ import annotations
@@ -35,7 +58,10 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import math
+import statistics
 import time
+import types
 import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -44,21 +70,25 @@ from typing import Any, Protocol
 
 import yaml
 
-from fedsb.config import ConfigError, ExperimentConfig, load_config
+from fedsb.config import ConfigError, ExperimentConfig, load_config, load_yaml
 
 COMPLETED = "finished:completed"  # fedsb.launch.COMPLETED (not imported here: launch loads torch)
 INVALID_CONFIG = "invalid config"  # the cell's config did not validate: nothing was started
 ERROR = "error"  # run_simulation raised (e.g. the SuperLink did not start)
-TOP_LEVEL_KEYS = ("base", "output_dir", "set", "grid")
+TOP_LEVEL_KEYS = ("base", "output_dir", "set", "grid", "tune")
 RESERVED_KEYS = ("output_dir",)  # the sweep sets each cell's output_dir itself
 # Same order as fedsb.comm.METER_COMPONENTS (importing fedsb.comm would load torch).
 COMPONENTS = ("lora_A", "lora_B", "lora_R", "residual", "head", "init")
 DIRECTIONS = ("up", "down")
 RESULT_FIELDS = (
-    "status", "error", "method", "rank", "seed",
+    "status", "error", "method", "rank", "lr", "seed",
+    "centralised",  # all clients' data pooled in one client: a reference, not a federated result
     "privacy_requested", "private", "privacy_status", "epsilon_target", "epsilon_max", "delta",
     "noise_multiplier", "oracle",  # oracle: Fed-SB's pooled-data init (the paper's setting), not federated
-    "initial_accuracy", "final_accuracy", "best_accuracy", "best_round", "rounds", "rounds_completed",
+    # Validation selects the round (best_round); test_accuracy is the test split at that round, the
+    # number to report; final_test_accuracy the test split after the last round.
+    "initial_val_accuracy", "final_val_accuracy", "best_val_accuracy", "best_round",
+    "test_accuracy", "final_test_accuracy", "rounds", "rounds_completed",
     "bytes_up", "bytes_down", "bytes_total", "wire_bytes_up", "wire_bytes_down",
     *(f"bytes_{d}_{c}" for d in DIRECTIONS for c in COMPONENTS),
     "wall_s", "elapsed_s", "run_dir", "finished_at",
@@ -91,7 +121,7 @@ class Cell:
     @property
     def label(self) -> str:
         """'method.name=fedsb privacy.epsilon=1': also valid `fedsb run --set` arguments."""
-        return " ".join(f"{k}={format_value(v)}" for k, v in self.overrides.items())
+        return _describe(self.overrides)
 
 
 @dataclass(frozen=True)
@@ -101,6 +131,7 @@ class SweepSpec:
     output_dir: Path  # absolute
     fixed: dict[str, Any]  # `set`
     axes: tuple[Axis, ...]
+    tune: str | None = None  # the config key chosen per group on validation accuracy
 
     @property
     def columns(self) -> list[str]:
@@ -112,9 +143,8 @@ class SweepSpec:
         return " x ".join(str(len(axis.values)) for axis in self.axes)
 
     def cells(self) -> list[Cell]:
-        product = itertools.product(*(axis.values for axis in self.axes))
-        return [Cell(i, {k: v for value in combo for k, v in value.items()})
-                for i, combo in enumerate(product, start=1)]
+        return [Cell(i, overrides)
+                for i, overrides in enumerate(grid_overrides([axis.values for axis in self.axes]), start=1)]
 
     def pin(self) -> dict[str, Any]:
         """What every cell shares: a sweep directory holds the results of one such setting."""
@@ -122,11 +152,21 @@ class SweepSpec:
                 "set": self.fixed}
 
 
+def grid_overrides(axes: Iterable[Sequence[Mapping[str, Any]]]) -> list[dict[str, Any]]:
+    """The cells' overrides in grid order: the product of the axes' values (each a mapping)."""
+    return [{k: v for value in combo for k, v in value.items()} for combo in itertools.product(*axes)]
+
+
+def grid_labels(grid: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[str]:
+    """The cell labels in grid order, from sweep.json's `grid` record (axis name -> its values)."""
+    return [_describe(overrides) for overrides in grid_overrides(grid.values())]
+
+
 def format_value(value: Any) -> str:
     """A value as YAML would read it back (what `--set key=value` parses): 1, true, fedsb, "1"."""
     if isinstance(value, str):
         try:
-            same = yaml.safe_load(value) == value
+            same = load_yaml(value) == value
         except yaml.YAMLError:
             same = False
         return value if same and value.strip() == value and value else json.dumps(value)
@@ -135,15 +175,15 @@ def format_value(value: Any) -> str:
 
 def parse_value(text: str) -> Any:
     """The inverse of format_value ('' is a missing value)."""
-    return yaml.safe_load(text) if text != "" else None
+    return load_yaml(text) if text != "" else None
 
 
 def _unique(items: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(items))
 
 
-def check_config_key(dotted: str, where: str) -> None:
-    """Raise SweepError unless `dotted` names a value (not a section) of ExperimentConfig."""
+def check_config_key(dotted: str, where: str) -> Any:
+    """The type of a config value; SweepError unless `dotted` names a value (not a section)."""
     cls: Any = ExperimentConfig
     parts = dotted.split(".")
     for depth, part in enumerate(parts):
@@ -157,9 +197,19 @@ def check_config_key(dotted: str, where: str) -> None:
             if depth != len(parts) - 1:
                 raise SweepError(f"{where}: unknown config key {dotted!r} "
                                  f"({part!r} is a value, not a section)")
-            return
+            return cls
     raise SweepError(f"{where}: {dotted!r} is a section, not a value; name a key inside it, "
                      f"e.g. {dotted}.{sorted(typing.get_type_hints(cls))[0]}")
+
+
+def _is_list_type(hint: Any) -> bool:
+    """list[str], list[str] | None, ...: a config value that is itself a list."""
+    origin = typing.get_origin(hint)
+    if hint is list or origin is list:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_list_type(arg) for arg in typing.get_args(hint))
+    return False
 
 
 def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -200,7 +250,7 @@ def _parse_axis(name: Any, values: Any) -> Axis:
         for i, value in enumerate(values):
             if not value:
                 raise SweepError(f"{where}[{i}]: an empty mapping; list the overrides this value applies")
-            parsed.append(_check_overrides(_flatten(value), f"{where}[{i}]"))
+            parsed += _expand_lists(_check_overrides(_flatten(value), f"{where}[{i}]"), f"{where}[{i}]")
     else:
         if name in RESERVED_KEYS:
             raise SweepError(f"{where}: the sweep sets each cell's {name} (<sweep dir>/runs); remove it")
@@ -214,6 +264,20 @@ def _parse_axis(name: Any, values: Any) -> Axis:
     return Axis(name, tuple(parsed))
 
 
+def _expand_lists(overrides: dict[str, Any], where: str) -> list[dict[str, Any]]:
+    """{rank: 64, train.lr: [0.003, 0.01]} -> one value per lr (a product if several keys are lists);
+    a list for a key whose config type is a list (model.target_modules) is one value."""
+    choices = []
+    for k, v in overrides.items():
+        if isinstance(v, list) and not _is_list_type(check_config_key(k, f"{where}.{k}")):
+            if not v:
+                raise SweepError(f"{where}.{k}: an empty list; list the values it expands into")
+            choices.append(v)
+        else:
+            choices.append([v])
+    return [dict(zip(overrides, combo, strict=True)) for combo in itertools.product(*choices)]
+
+
 def _describe(overrides: Mapping[str, Any]) -> str:
     return " ".join(f"{k}={format_value(v)}" for k, v in overrides.items())
 
@@ -224,7 +288,7 @@ def load_sweep(path: str | Path) -> SweepSpec:
     if not path.is_file():
         raise SweepError(f"sweep: file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml(path.read_text())
     except yaml.YAMLError as err:
         raise SweepError(f"sweep: {path} is not valid YAML ({str(err).splitlines()[0]})") from err
     if not isinstance(data, dict):
@@ -260,7 +324,21 @@ def load_sweep(path: str | Path) -> SweepSpec:
                 raise SweepError(f"set.{k}: also set by grid.{axis.name}; keep it in one place")
             owner[k] = axis.name
     output_dir = Path(data["output_dir"]).expanduser().resolve()
-    return SweepSpec(path, base, output_dir, fixed, axes)
+    return SweepSpec(path, base, output_dir, fixed, axes, _check_tune(data.get("tune"), list(owner)))
+
+
+def _check_tune(tune: Any, grid_keys: Sequence[str]) -> str | None:
+    if tune is None:
+        return None
+    if not isinstance(tune, str) or not tune:
+        raise SweepError(f"tune: expected a config key to choose on validation, e.g. train.lr, got {tune!r}")
+    if tune == "seed":
+        raise SweepError("tune: seed is the repetition the tuning averages over; name another grid key, "
+                         "e.g. train.lr")
+    if tune not in grid_keys:
+        raise SweepError(f"tune: {tune} is not set by any grid axis (grid keys: {', '.join(grid_keys)}); "
+                         f"give it values in the grid, e.g. {tune}: [...]")
+    return tune
 
 
 # --- sweep.csv ------------------------------------------------------------------------------------
@@ -295,6 +373,7 @@ def latest_rows(rows: Iterable[dict[str, str]]) -> dict[str, dict[str, str]]:
 def _append_row(csv_path: Path, columns: Sequence[str], row: Mapping[str, Any]) -> None:
     old_header, old_rows = read_rows(csv_path)
     header = csv_header(_unique([*grid_columns(old_header), *columns]))
+    header += [k for k in old_header if k not in header]  # a field of an older schema keeps its values
     if old_header != header:
         # A new file, or the grid grew a key: (re)write it with the wider header (old rows blank there).
         with open(csv_path, "w", newline="") as f:
@@ -337,8 +416,8 @@ def result_fields(run_dir: Path) -> dict[str, Any]:
     """The sweep.csv fields read from a run directory (empty where the run left nothing)."""
     summary = _read_json(run_dir / "summary.json")
     out: dict[str, Any] = {k: summary.get(k) for k in (
-        "initial_accuracy", "final_accuracy", "best_accuracy", "best_round", "rounds", "rounds_completed",
-        "oracle", "wall_s")}
+        "initial_val_accuracy", "final_val_accuracy", "best_val_accuracy", "best_round", "test_accuracy",
+        "final_test_accuracy", "rounds", "rounds_completed", "oracle", "wall_s")}
     comm = summary.get("communication") or {}
     for d in DIRECTIONS:
         part = comm.get(d) or {}
@@ -380,7 +459,8 @@ def privacy_fields(privacy: Mapping[str, Any] | None, last_round: Mapping[str, A
 def _config_fields(config: ExperimentConfig | None) -> dict[str, Any]:
     if config is None:
         return {}
-    return {"method": config.method.name, "rank": config.method.rank, "seed": config.seed,
+    return {"method": config.method.name, "rank": config.method.rank, "lr": config.train.lr,
+            "seed": config.seed, "centralised": bool(getattr(config.federation, "centralised", False)),
             "privacy_requested": config.privacy.enabled,
             "epsilon_target": config.privacy.epsilon if config.privacy.enabled else None}
 
@@ -393,6 +473,217 @@ def _csv_value(value: Any) -> Any:
     if isinstance(value, float):
         return f"{value:.6g}" if abs(value) < 1e15 else repr(value)
     return value
+
+
+# --- tuning: one value of a key per group, chosen on validation -----------------------------------
+
+# The centralised reference trains what the method's client trains, on all clients' data in one client.
+CENTRALISED_NAMES = {"fedit": "LoRA", "fedex": "LoRA", "ffa": "LoRA (A frozen)", "fedsb": "LoRA-SB"}
+LABELLED_KEYS = ("method.name", "method.rank", "federation.centralised")  # said by setting_label itself
+TUNED_FIELDS = (
+    "group", "method", "rank", "centralised", "tune_key", "tune_value", "seeds", "seeds_failed",
+    "val_accuracy_mean", "test_accuracy_mean", "test_accuracy_std", "final_test_accuracy_mean",
+    "final_test_accuracy_std", "bytes_up_mean", "bytes_down_mean", "bytes_total_mean", "elapsed_s_mean",
+    "candidates",
+)
+
+
+def setting_label(method: str, rank: Any, centralised: bool = False, extras: Sequence[str] = ()) -> str:
+    """'fedsb r=16 privacy.epsilon=1'; a centralised run is named by what it trains and marked as
+    the reference it is: 'LoRA r=8, centralised (not federated)'."""
+    if centralised:
+        name = CENTRALISED_NAMES.get(method, method)
+        return " ".join([f"{name} r={rank}", *extras]) + ", centralised (not federated)"
+    return " ".join([f"{method} r={rank}", *extras])
+
+
+@dataclass(frozen=True)
+class Stat:
+    """Mean and sample standard deviation (ddof=1) over seeds; None where undefined."""
+
+    mean: float | None = None
+    std: float | None = None  # None with fewer than two values
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Stat:
+        return cls(statistics.mean(values) if values else None,
+                   statistics.stdev(values) if len(values) > 1 else None)
+
+
+@dataclass(frozen=True)
+class TuneCandidate:
+    """One value of the tuned key in a group: what selects it (validation) and, for the record, its test."""
+
+    value: str  # as sweep.csv writes it (format_value)
+    seeds: int  # completed cells
+    failed: int  # cells that did not complete (or not yet run)
+    val_mean: float | None  # mean best_val_accuracy over the completed seeds: the selection criterion
+    test_mean: float | None  # mean test_accuracy: shown, never used to select
+
+
+@dataclass(frozen=True)
+class TunedGroup:
+    """A group of cells (the grid values less the tuned key and the seed) at its chosen value."""
+
+    label: str
+    grid: dict[str, str]  # the group's grid values (sweep.csv text), less the tuned key and the seed
+    method: str
+    rank: int | None
+    centralised: bool
+    tune_key: str
+    candidates: tuple[TuneCandidate, ...]  # every value of the tuned key, in grid order
+    chosen: TuneCandidate | None  # None: no cell of the group completed
+    cells: tuple[str, ...] = ()  # the completed cells at the chosen value (one per seed)
+    val_accuracy: Stat = Stat()  # best_val_accuracy over the chosen cells
+    test_accuracy: Stat = Stat()  # the test split at each run's best validation round: the result
+    final_test_accuracy: Stat = Stat()  # the test split after the last round
+    bytes_up: Stat = Stat()
+    bytes_down: Stat = Stat()
+    bytes_total: Stat = Stat()
+    elapsed_s: Stat = Stat()
+
+    @property
+    def seeds(self) -> int:
+        return self.chosen.seeds if self.chosen else 0
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or value is None or value == "":
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _text(value: Any) -> str:
+    """A grid value as sweep.csv writes it (rows as read are text already)."""
+    return "" if value is None else value if isinstance(value, str) else format_value(value)
+
+
+def _values(rows: Iterable[Mapping[str, Any]], name: str) -> list[float]:
+    return [v for v in (_number(r.get(name)) for r in rows) if v is not None]
+
+
+def tune_results(rows: Iterable[Mapping[str, Any]], columns: Sequence[str],
+                 tune_key: str) -> list[TunedGroup]:
+    """Per group of cells (grid `columns` less `tune_key` and `seed`), the value of `tune_key` whose
+    completed seeds have the highest mean best_val_accuracy (ties: the first in the order of `rows`),
+    and the test results there. Only validation selects: test_accuracy is never compared.
+
+    `rows` are sweep.csv rows (the latest row of a cell counts), in grid order (see in_grid_order).
+    """
+    group_columns = [c for c in columns if c not in (tune_key, "seed")]
+    groups: dict[tuple[str, ...], list[Mapping[str, Any]]] = {}
+    for row in latest_rows(rows).values():
+        groups.setdefault(tuple(_text(row.get(c)) for c in group_columns), []).append(row)
+    varied = [c for i, c in enumerate(group_columns)
+              if c not in LABELLED_KEYS and len({key[i] for key in groups}) > 1]
+    return [_tune_group(dict(zip(group_columns, key, strict=True)), members, varied, tune_key)
+            for key, members in groups.items()]
+
+
+def _tune_group(grid: dict[str, str], rows: list[Mapping[str, Any]], varied: Sequence[str],
+                tune_key: str) -> TunedGroup:
+    by_value: dict[str, list[Mapping[str, Any]]] = {}
+    for row in rows:
+        by_value.setdefault(_text(row.get(tune_key)), []).append(row)
+    candidates, done_at = [], {}
+    for value, members in by_value.items():
+        done = [r for r in members if r.get("status") == COMPLETED]
+        done_at[value] = done
+        candidates.append(TuneCandidate(value, len(done), len(members) - len(done),
+                                        Stat.of(_values(done, "best_val_accuracy")).mean,
+                                        Stat.of(_values(done, "test_accuracy")).mean))
+    chosen = None
+    for candidate in candidates:  # strictly greater: a tie keeps the earlier value
+        if candidate.val_mean is not None and (chosen is None or candidate.val_mean > chosen.val_mean):
+            chosen = candidate
+    first = next((r for r in rows if r.get("method")), rows[0])
+    method = str(first.get("method") or grid.get("method.name") or "?")
+    rank = _number(first.get("rank") or grid.get("method.rank"))
+    centralised = _text(first.get("centralised") or grid.get("federation.centralised")) == "true"
+    extras = [f"{c}={grid[c]}" for c in varied]
+    if _text(first.get("oracle")) == "true":
+        extras.append("(oracle init)")
+    label = setting_label(method, int(rank) if rank is not None else "?", centralised, extras)
+    common = dict(label=label, grid=grid, method=method, rank=int(rank) if rank is not None else None,
+                  centralised=centralised, tune_key=tune_key, candidates=tuple(candidates), chosen=chosen)
+    if chosen is None:
+        return TunedGroup(**common)
+    done = done_at[chosen.value]
+    totals = [u + d for u, d in zip(_values(done, "bytes_up"), _values(done, "bytes_down"), strict=False)]
+    return TunedGroup(**common, cells=tuple(str(r.get("cell")) for r in done),
+                      val_accuracy=Stat.of(_values(done, "best_val_accuracy")),
+                      test_accuracy=Stat.of(_values(done, "test_accuracy")),
+                      final_test_accuracy=Stat.of(_values(done, "final_test_accuracy")),
+                      bytes_up=Stat.of(_values(done, "bytes_up")),
+                      bytes_down=Stat.of(_values(done, "bytes_down")),
+                      bytes_total=Stat.of(_values(done, "bytes_total") or totals),
+                      elapsed_s=Stat.of(_values(done, "elapsed_s")))
+
+
+def in_grid_order(rows: Iterable[Mapping[str, Any]], labels: Sequence[str]) -> list[Mapping[str, Any]]:
+    """The latest row of each cell named in `labels`, in that order (cells of an older grid left out)."""
+    latest = latest_rows(rows)
+    return [latest[label] for label in labels if label in latest]
+
+
+def tuned_row(group: TunedGroup) -> dict[str, Any]:
+    """A tuned.csv row (TUNED_FIELDS, the group's grid values after `group`)."""
+    chosen = group.chosen
+    candidates = "; ".join(
+        f"{c.value}: val {_csv_value(c.val_mean) or '-'}, test {_csv_value(c.test_mean) or '-'}, n {c.seeds}"
+        for c in group.candidates)
+    return {"group": group.label, **group.grid, "method": group.method, "rank": group.rank,
+            "centralised": group.centralised, "tune_key": group.tune_key,
+            "tune_value": chosen.value if chosen else None, "seeds": group.seeds,
+            "seeds_failed": chosen.failed if chosen else None, "val_accuracy_mean": group.val_accuracy.mean,
+            "test_accuracy_mean": group.test_accuracy.mean, "test_accuracy_std": group.test_accuracy.std,
+            "final_test_accuracy_mean": group.final_test_accuracy.mean,
+            "final_test_accuracy_std": group.final_test_accuracy.std, "bytes_up_mean": group.bytes_up.mean,
+            "bytes_down_mean": group.bytes_down.mean, "bytes_total_mean": group.bytes_total.mean,
+            "elapsed_s_mean": group.elapsed_s.mean, "candidates": candidates}
+
+
+def write_tuned(path: Path, groups: Sequence[TunedGroup]) -> None:
+    grid = _unique(k for g in groups for k in g.grid)
+    header = _unique(["group", *grid, *TUNED_FIELDS])
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, header, restval="")
+        writer.writeheader()
+        for group in groups:
+            writer.writerow({k: _csv_value(v) for k, v in tuned_row(group).items()})
+
+
+def mean_std_text(stat: Stat, digits: int = 3) -> str:
+    """'0.790 ± 0.012' (a single seed: '0.790'; nothing: '–')."""
+    if stat.mean is None:
+        return "–"
+    return f"{stat.mean:.{digits}f}" + (f" ± {stat.std:.{digits}f}" if stat.std is not None else "")
+
+
+def human_bytes(n: float | None) -> str:
+    """Decimal units, as fedsb.comm.human_bytes (not imported here: it loads torch)."""
+    if n is None or math.isnan(n):
+        return "–"
+    for factor, unit in ((1e12, "TB"), (1e9, "GB"), (1e6, "MB"), (1e3, "kB")):
+        if abs(n) >= factor:
+            return f"{n / factor:.3g} {unit}"
+    return f"{n:.0f} B"
+
+
+def tuned_table(groups: Sequence[TunedGroup]) -> list[str]:
+    """The tuned results as aligned text lines: a header and a line per group."""
+    if not groups:
+        return []
+    header = ["group", groups[0].tune_key, "seeds", "val acc", "test acc", "final-round test acc",
+              "bytes total"]
+    rows = [[g.label, g.chosen.value if g.chosen else "–", str(g.seeds), mean_std_text(g.val_accuracy),
+             mean_std_text(g.test_accuracy), mean_std_text(g.final_test_accuracy),
+             human_bytes(g.bytes_total.mean)] for g in groups]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]]
 
 
 # --- running -----------------------------------------------------------------------------------------
@@ -413,6 +704,7 @@ class SweepResult:
     csv_path: Path
     ran: list[dict[str, Any]]  # the rows written by this invocation
     skipped: list[Cell]  # completed earlier
+    tuned: list[TunedGroup] = dataclasses.field(default_factory=list)  # with `tune`: tuned.csv's groups
 
     @property
     def failed(self) -> list[dict[str, Any]]:
@@ -446,8 +738,9 @@ def _check_pin(spec: SweepSpec) -> None:
                 raise SweepError(f"output_dir: {spec.output_dir} holds a sweep run with {what} "
                                  f"(see {pin_path}); choose another output_dir or remove that directory")
     spec.output_dir.mkdir(parents=True, exist_ok=True)
+    # Not pinned (a record for `fedsb plot`): the grid may grow, and tuning only reads the results.
     record = {**pin, "sweep_file": str(spec.path.resolve()),
-              "grid": {axis.name: list(axis.values) for axis in spec.axes}}
+              "grid": {axis.name: list(axis.values) for axis in spec.axes}, "tune": spec.tune}
     pin_path.write_text(json.dumps(record, indent=2, default=str) + "\n")
 
 
@@ -467,8 +760,8 @@ def run_sweep(path: str | Path, *, runner: Runner | None = None, stream: bool = 
     echo(f"fedsb sweep: {len(cells)} cells ({spec.shape}) on {spec.base} -> {spec.output_dir}; "
          f"{len(skipped)} completed earlier, {len(todo)} to run")
     for cell in skipped:
-        accuracy = latest[cell.label].get("final_accuracy") or "?"
-        echo(f"[{cell.index}/{len(cells)}] skip {cell.label}: completed earlier (final accuracy {accuracy})")
+        accuracy = latest[cell.label].get("test_accuracy") or "?"
+        echo(f"[{cell.index}/{len(cells)}] skip {cell.label}: completed earlier (test accuracy {accuracy})")
 
     start = time.monotonic()
     run_times: list[float] = []  # cells that started a simulation (a config error takes no time)
@@ -493,6 +786,17 @@ def run_sweep(path: str | Path, *, runner: Runner | None = None, stream: bool = 
     done = len(skipped) + len(ran) - len(result.failed)
     echo(f"fedsb sweep: {done}/{len(cells)} cells completed, {len(result.failed)} failed; "
          f"results in {csv_path}; figures: fedsb plot {spec.output_dir}")
+    tuned_path = spec.output_dir / "tuned.csv"
+    if spec.tune is None:
+        tuned_path.unlink(missing_ok=True)  # from an earlier `tune`: it would no longer match the sweep
+        return result
+    result.tuned = tune_results(in_grid_order(read_rows(csv_path)[1], [c.label for c in cells]),
+                                spec.columns, spec.tune)
+    write_tuned(tuned_path, result.tuned)
+    echo(f"fedsb sweep: {spec.tune} chosen per group on validation accuracy (mean over the completed "
+         f"seeds); accuracies are mean ± std over seeds; written to {tuned_path}")
+    for line in tuned_table(result.tuned):
+        echo(f"    {line}")
     return result
 
 
@@ -532,10 +836,14 @@ def _finish(row: dict[str, Any]) -> dict[str, Any]:
 
 def _cell_outcome(row: Mapping[str, Any]) -> str:
     if row["status"] == COMPLETED:
-        accuracy = row.get("final_accuracy")
+        def known(name: str) -> str:
+            return str(row.get(name) or "?")
+
         total = row.get("bytes_total")
-        return (f"done {row['cell']}: completed in {float(row['elapsed_s']):.0f} s, final accuracy "
-                f"{accuracy if accuracy != '' else '?'}, {int(total) if total != '' else 0:,} B on the wire")
+        return (f"done {row['cell']}: completed in {float(row['elapsed_s']):.0f} s, test accuracy "
+                f"{known('test_accuracy')} at round {known('best_round')} (validation "
+                f"{known('best_val_accuracy')}; final round: test {known('final_test_accuracy')}), "
+                f"{int(total) if total else 0:,} B on the wire")
     return f"FAILED {row['cell']}: {row['status']}: {row['error']}"
 
 
@@ -560,7 +868,8 @@ def run(args: argparse.Namespace) -> int:
         spec = load_sweep(args.sweep)
         latest = latest_rows(read_rows(spec.output_dir / "sweep.csv")[1])
         cells = spec.cells()
-        echo(f"fedsb sweep: {len(cells)} cells ({spec.shape}) on {spec.base} -> {spec.output_dir}")
+        echo(f"fedsb sweep: {len(cells)} cells ({spec.shape}) on {spec.base} -> {spec.output_dir}"
+             + (f"; {spec.tune} chosen per group on validation accuracy" if spec.tune else ""))
         for cell in cells:
             status = latest.get(cell.label, {}).get("status", "not run")
             echo(f"[{cell.index}/{len(cells)}] {status:<18} {cell.label}")

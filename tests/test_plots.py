@@ -8,6 +8,7 @@ import csv
 import itertools
 import json
 import math
+import statistics
 from pathlib import Path
 
 import pytest
@@ -42,8 +43,16 @@ def comm_rows(method: str, rank: int) -> list[tuple[int, str, str, int]]:
 
 
 def make_run(run_dir: Path, method: str, rank: int, seed: int, accuracy: float, epsilon: float | None = None,
-             reports_privacy: bool = True, oracle: bool = False) -> Path:
-    """A run directory as the Flower app leaves it: summary.json, metrics.jsonl, comm.csv."""
+             reports_privacy: bool = True, oracle: bool = False, val_accuracy: float | None = None,
+             lr: float = 0.005, centralised: bool = False) -> Path:
+    """A run directory as the Flower app leaves it: summary.json, metrics.jsonl, comm.csv.
+
+    `accuracy` is the test accuracy at the best validation round (the reported number); the best
+    validation accuracy is `val_accuracy` (default accuracy + 0.05), reached at the last round; the
+    final-round test accuracy is accuracy - 0.05. Three different numbers, so a figure reading the
+    wrong one shows.
+    """
+    val_accuracy = accuracy + 0.05 if val_accuracy is None else val_accuracy
     run_dir.mkdir(parents=True)
     rows = comm_rows(method, rank)
     with open(run_dir / "comm.csv", "w", newline="") as f:
@@ -61,20 +70,22 @@ def make_run(run_dir: Path, method: str, rank: int, seed: int, accuracy: float, 
         communication[d] = {"bytes": sum(by_component.values()), "wire_bytes": 0, "params": 0,
                             "bytes_by_component": by_component}
     cum_up = cum_down = 0
-    metrics = [{"round": 0, "accuracy": 0.25, "loss": 1.4, "bytes_up": 0, "bytes_down": 0, "cum_bytes_up": 0,
-                "cum_bytes_down": 0}]
+    metrics = [{"round": 0, "val_accuracy": 0.25, "val_loss": 1.4, "bytes_up": 0, "bytes_down": 0,
+                "cum_bytes_up": 0, "cum_bytes_down": 0}]
     for rnd in range(1, ROUNDS + 1):
         up = sum(s for r, d, _, s in rows if r == rnd and d == "up")
         down = sum(s for r, d, _, s in rows if r == rnd and d == "down")
         cum_up, cum_down = cum_up + up, cum_down + down
-        metrics.append({"round": rnd, "accuracy": 0.25 + (accuracy - 0.25) * rnd / ROUNDS, "loss": 1.0,
-                        "bytes_up": up, "bytes_down": down, "cum_bytes_up": cum_up,
+        metrics.append({"round": rnd, "val_accuracy": 0.25 + (val_accuracy - 0.25) * rnd / ROUNDS,
+                        "val_loss": 1.0, "bytes_up": up, "bytes_down": down, "cum_bytes_up": cum_up,
                         "cum_bytes_down": cum_down})
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
     summary = {"method": method, "rank": rank, "seed": seed, "num_clients": 4, "rounds": ROUNDS,
-               "rounds_completed": ROUNDS, "initial_accuracy": 0.25, "final_accuracy": accuracy,
-               "best_accuracy": accuracy, "best_round": ROUNDS, "communication": communication, "wall_s": 9.0,
-               "oracle": oracle}
+               "rounds_completed": ROUNDS, "initial_val_accuracy": 0.25, "final_val_accuracy": val_accuracy,
+               "final_val_loss": 1.0, "best_val_accuracy": val_accuracy, "best_round": ROUNDS,
+               "test_accuracy": accuracy, "test_loss": 0.9, "final_test_accuracy": accuracy - 0.05,
+               "final_test_loss": 0.95, "selection": "validation", "lr": lr, "weighting": "examples",
+               "centralised": centralised, "communication": communication, "wall_s": 9.0, "oracle": oracle}
     if epsilon is not None and reports_privacy:
         summary["privacy"] = {"enabled": True, "status": "private", "target_epsilon": epsilon,
                               "epsilon_max": epsilon * 0.98, "delta_max": 1e-5, "max_grad_norm": 1.0,
@@ -87,10 +98,13 @@ def _csv(value) -> str:
     return "" if value is None else ("true" if value is True else "false" if value is False else str(value))
 
 
-def make_sweep(sweep_dir: Path, columns: list[str], cells: list[dict]) -> Path:
+def make_sweep(sweep_dir: Path, columns: list[str], cells: list[dict], tune: str | None = None) -> Path:
     """sweep.csv (as fedsb sweep writes it) over synthetic runs. A cell: grid values under their keys,
-    plus method, rank, seed, accuracy, epsilon (None: no DP), and optionally status/error."""
+    plus method, rank, seed, accuracy (test), and optionally val_accuracy, lr, centralised, epsilon
+    (None: no DP), status/error. `tune` goes into sweep.json as `fedsb sweep` records it."""
     sweep_dir.mkdir(parents=True, exist_ok=True)
+    if tune is not None:
+        (sweep_dir / "sweep.json").write_text(json.dumps({"base": "base.yaml", "set": {}, "tune": tune}))
     with open(sweep_dir / "sweep.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, csv_header(columns), restval="")
         writer.writeheader()
@@ -100,12 +114,15 @@ def make_sweep(sweep_dir: Path, columns: list[str], cells: list[dict]) -> Path:
                    **{k: format_value(v) for k, v in grid.items()},
                    "status": cell.get("status", COMPLETED), "error": cell.get("error", ""),
                    "method": cell["method"], "rank": cell["rank"], "seed": cell.get("seed", 0),
+                   "lr": cell.get("lr", 0.005), "centralised": cell.get("centralised", False),
                    "privacy_requested": cell.get("epsilon") is not None,
                    "epsilon_target": cell.get("epsilon"), "elapsed_s": 60.0}
             if row["status"] == COMPLETED:
                 run = make_run(sweep_dir / "runs" / f"run-{n}", cell["method"], cell["rank"],
                                cell.get("seed", 0), cell["accuracy"], cell.get("epsilon"),
-                               cell.get("reports_privacy", True), cell.get("oracle", False))
+                               cell.get("reports_privacy", True), cell.get("oracle", False),
+                               cell.get("val_accuracy"), cell.get("lr", 0.005),
+                               cell.get("centralised", False))
                 row.update(result_fields(run), run_dir=f"runs/run-{n}")
             writer.writerow({k: _csv(v) for k, v in row.items()})
     return sweep_dir
@@ -165,7 +182,8 @@ def test_comm_vs_accuracy_has_a_marker_per_setting_and_the_right_frontier(comm_s
     fig = plots.comm_vs_accuracy(data.settings)
     (ax,) = fig.axes
     assert ax.get_xscale() == "log"
-    assert "bytes" in ax.get_xlabel() and "log scale" in ax.get_xlabel() and "accuracy" in ax.get_ylabel()
+    assert "bytes" in ax.get_xlabel() and "log scale" in ax.get_xlabel()
+    assert ax.get_ylabel().startswith("test accuracy")
     containers = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
     assert [c.get_label() for c in containers] == ["FedIT", "FFA-LoRA", "FedEx-LoRA", "Fed-SB"]
     assert all(len(c.lines[0].get_xdata()) == 2 for c in containers)  # one marker per rank
@@ -196,9 +214,10 @@ def test_round_figures_have_a_line_and_a_band_per_setting(comm_sweep):
         assert len([c for c in ax.collections if c.get_gid() == "spread"]) == 8  # 2 seeds each
         assert ax.get_xlabel().startswith("round")
     accuracy = plots.accuracy_vs_round(data.settings).axes[0]
+    assert accuracy.get_ylabel() == "validation accuracy"
     line = next(line for line in accuracy.lines if line.get_label() == "fedsb r=16")
     assert list(line.get_xdata()) == [0, 1, 2]
-    assert line.get_ydata()[-1] == pytest.approx(0.80)  # the mean of 0.79 and 0.81
+    assert line.get_ydata()[-1] == pytest.approx(0.85)  # validation: the mean of 0.84 and 0.86
     cumulative = plots.bytes_vs_round(data.settings).axes[0]
     assert cumulative.get_yscale() == "log"
     line = next(line for line in cumulative.lines if line.get_label() == "fedex r=4")
@@ -308,6 +327,94 @@ def test_plot_dir_on_a_sweep_writes_every_figure_and_the_report(comm_sweep, priv
     assert "| fedsb r=16 ε=3 | 2 | 0.655 [0.650, 0.660] |" in output.report.read_text()
 
 
+# --- a tuned sweep (`tune: train.lr`) ------------------------------------------------------------------
+
+# (setting, lr) -> (validation accuracy, test accuracy per seed 0, 1, 2). Validation and test disagree
+# for fedsb (test prefers 0.03); the centralised fedit run (all data in one client) is the reference.
+TUNED = {
+    (("fedsb", False), 0.01): (0.80, [0.76, 0.78, 0.83]),
+    (("fedsb", False), 0.03): (0.70, [0.90, 0.90, 0.90]),
+    (("ffa", False), 0.001): (0.60, [0.80, 0.80, 0.80]),
+    (("ffa", False), 0.01): (0.75, [0.70, 0.72, 0.71]),
+    (("fedit", False), 0.01): (0.85, [0.85, 0.86, 0.87]),
+    (("fedit", True), 0.01): (0.86, [0.99, 0.99, 0.99]),
+    (("fedit", True), 0.03): (0.90, [0.90, 0.92, 0.94]),
+}
+
+
+@pytest.fixture
+def tuned_sweep(tmp_path) -> Path:
+    cells = [{"method.name": m, "federation.centralised": c, "train.lr": lr, "seed": seed, "method": m,
+              "rank": 16, "lr": lr, "centralised": c, "val_accuracy": val, "accuracy": tests[seed]}
+             for ((m, c), lr), (val, tests) in TUNED.items() for seed in range(3)]
+    columns = ["method.name", "federation.centralised", "train.lr", "seed"]
+    return make_sweep(tmp_path / "tuned", columns, cells, tune="train.lr")
+
+
+def test_a_tuned_sweep_is_reported_per_group_at_the_value_chosen_on_validation(tuned_sweep):
+    data = plots.load_sweep_dir(tuned_sweep)
+    assert data.tune == "train.lr"
+    assert [(g.label, g.chosen.value) for g in data.tuned] == [
+        ("fedsb r=16", "0.01"), ("ffa r=16", "0.01"), ("fedit r=16", "0.01"),
+        ("LoRA r=16, centralised (not federated)", "0.03")]
+    fedsb_tests, centralised_tests = [0.76, 0.78, 0.83], [0.90, 0.92, 0.94]
+
+    output = plot_dir(tuned_sweep)
+    (ax,) = output.figures["comm_vs_accuracy"].axes
+    containers = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    assert [c.get_label() for c in containers] == ["Fed-SB", "FFA-LoRA", "FedIT"]  # no centralised marker
+    assert [len(c.lines[0].get_xdata()) for c in containers] == [1, 1, 1]  # one marker per group
+    assert all(c.lines[0].get_gid() == "series" for c in containers)
+    fedsb = containers[0]
+    mean, std = statistics.mean(fedsb_tests), statistics.stdev(fedsb_tests)
+    assert list(fedsb.lines[0].get_xdata()) == [total_bytes("fedsb", 16)]
+    assert list(fedsb.lines[0].get_ydata()) == pytest.approx([mean])  # at 0.01 (validation), not 0.03
+    ((low, high),) = [(seg[0][1], seg[1][1]) for col in fedsb.lines[2] for seg in col.get_segments()]
+    assert (mean - low, high - mean) == pytest.approx((std, std))  # error bars: ± one std over seeds
+
+    (reference,) = [line for line in ax.lines if line.get_gid() == "reference"]
+    assert "centralised (not federated)" in reference.get_label()
+    assert reference.get_ydata()[0] == pytest.approx(statistics.mean(centralised_tests))
+    (band,) = [patch for patch in ax.patches if patch.get_gid() == "spread"]  # ± one std
+    assert (band.get_bbox().y0, band.get_bbox().y1) == pytest.approx((0.90, 0.94))
+    # The frontier is over the federated groups only: ffa (cheapest), then fedit (more accurate).
+    (frontier,) = [line for line in ax.lines if line.get_gid() == "frontier"]
+    assert list(frontier.get_xdata()) == [total_bytes("ffa", 16), total_bytes("fedit", 16)]
+    assert list(frontier.get_ydata()) == pytest.approx([0.71, 0.86])
+    # The round figures show the chosen settings only: one line per group.
+    rounds = output.figures["accuracy_vs_round"].axes[0]
+    assert len([line for line in rounds.lines if line.get_gid() == "series"]) == 4
+
+    report = output.report.read_text()
+    assert report.startswith("# Sweep report: tuned\n\n## Tuned: `train.lr` chosen per setting on validation")
+    assert report.index("## Tuned") < report.index("## Results")
+    row = (f"| fedsb r=16 | 0.01 | 3 | 0.800 | {mean:.3f} ± {std:.3f} | "
+           f"{mean - 0.05:.3f} ± {std:.3f} | ")
+    assert row in report
+    assert "| LoRA r=16, centralised (not federated) | 0.03 | 3 | 0.900 | 0.920 ± 0.020 |" in report
+    assert "- fedsb r=16: **0.01 → 0.800 (3)**, 0.03 → 0.700 (3)" in report
+    frontier_text = report.split("## Pareto frontier")[1].split("##")[0]
+    assert [line.split(":")[0] for line in frontier_text.splitlines() if line[:1].isdigit()] == [
+        "1. ffa r=16 lr=0.01", "2. fedit r=16 lr=0.01"]
+
+    # --metric final_test_accuracy: the test split after the last round.
+    final = plots.tuned_comm_vs_accuracy(data.tuned, "final_test_accuracy").axes[0]
+    marker = next(c for c in final.containers if c.get_label() == "Fed-SB")
+    assert list(marker.lines[0].get_ydata()) == pytest.approx([mean - 0.05])
+
+
+def test_without_tune_a_centralised_run_is_a_reference_line_too(tuned_sweep):
+    (tuned_sweep / "sweep.json").unlink()
+    data = plots.load_sweep_dir(tuned_sweep)
+    assert data.tune is None and data.tuned == []
+    ax = plots.comm_vs_accuracy(data.settings).axes[0]
+    references = [line for line in ax.lines if line.get_gid() == "reference"]
+    assert sorted(line.get_label() for line in references) == [
+        f"LoRA r=16 train.lr={lr}, centralised (not federated)" for lr in ("0.01", "0.03")]
+    markers = sum(len(c.lines[0].get_xdata()) for c in ax.containers if isinstance(c, ErrorbarContainer))
+    assert markers == 5  # every federated setting, every lr
+
+
 def test_plot_dir_on_a_run(tmp_path):
     run = make_run(tmp_path / "run", "fedex", 8, 0, 0.9)
     output = plot_dir(run)
@@ -315,7 +422,8 @@ def test_plot_dir_on_a_run(tmp_path):
     (ax,) = output.figures["accuracy_vs_round"].axes
     assert [line.get_label() for line in ax.lines if line.get_gid() == "series"] == ["fedex r=8"]
     report = output.report.read_text()
-    assert report.startswith("# Run report: run") and "| 2 | 0.900 |" in report
+    assert report.startswith("# Run report: run") and "| 2 | 0.950 |" in report  # round 2's validation
+    assert "| 0.900 | 0.950 (2) | 0.850 |" in report  # test at the best validation round, val, final test
 
 
 def test_plot_dir_refuses_other_directories(tmp_path):

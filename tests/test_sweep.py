@@ -6,6 +6,9 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import statistics
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,16 +16,19 @@ import pytest
 import yaml
 
 from fedsb import sweep
+from fedsb.config import ConfigError
 from fedsb.sweep import COMPLETED, INVALID_CONFIG, SweepError, load_sweep, run_sweep
 
 TINY = Path(__file__).resolve().parent / "configs" / "tiny.yaml"
 
 
 def write_sweep(path: Path, grid: dict, fixed: dict | None = None, output_dir: Path | None = None,
-                base: str | Path = TINY) -> Path:
+                base: str | Path = TINY, tune: object = None) -> Path:
     data = {"base": str(base), "output_dir": str(output_dir or path.parent / "out"), "grid": grid}
     if fixed is not None:
         data["set"] = fixed
+    if tune is not None:
+        data["tune"] = tune
     path.write_text("# Run: fedsb sweep " + str(path) + "\n" + yaml.safe_dump(data, sort_keys=False))
     return path
 
@@ -44,11 +50,17 @@ class FakeOutcome:
 
 
 class FakeRunner:
-    """Stands in for run_simulation: a run directory with summary.json and metrics.jsonl.
+    """Stands in for run_simulation: a run directory with summary.json and metrics.jsonl (the schema
+    of the Flower app: validation per round, the test split at the best validation round and at the end).
 
     A cell with method.rank == 13 fails as a Flower run would (finished:failed); one with
-    method.rank == 17 raises, as a SuperLink that does not start would.
+    method.rank == 17 raises, as a SuperLink that does not start would. `accuracies(overrides)` gives
+    (best validation, test at that round, test after the last round); by default they follow the rank.
     """
+
+    def accuracies(self, overrides: dict) -> tuple[float, float, float]:
+        test = 0.5 + overrides.get("method.rank", 4) / 100
+        return test + 0.03, test, test - 0.01
 
     def __init__(self):
         self.calls: list[dict] = []
@@ -63,21 +75,25 @@ class FakeRunner:
         run_dir.mkdir(parents=True)
         if rank == 13:
             return FakeOutcome(1, "finished:failed", "ServerApp raised: boom", run_dir, 3.0)
-        accuracy = 0.5 + rank / 100
+        val, test, final_test = self.accuracies(overrides)
         comm = {"up": {"bytes": 100 * rank, "wire_bytes": 120 * rank, "params": 25 * rank,
                        "bytes_by_component": {"lora_R": 80 * rank, "head": 20 * rank}},
                 "down": {"bytes": 1000 + 100 * rank, "wire_bytes": 1100 + 120 * rank, "params": 0,
                          "bytes_by_component": {"lora_R": 80 * rank, "head": 20 * rank, "init": 1000}}}
-        summary = {"method": method, "rank": rank, "seed": 0, "rounds": 1, "rounds_completed": 1,
-                   "initial_accuracy": 0.25, "final_accuracy": accuracy, "best_accuracy": accuracy,
-                   "best_round": 1, "communication": comm, "wall_s": 2.5}
+        summary = {"method": method, "rank": rank, "seed": overrides.get("seed", 0), "rounds": 1,
+                   "rounds_completed": 1, "initial_val_accuracy": 0.25, "final_val_accuracy": val,
+                   "final_val_loss": 0.9, "best_val_accuracy": val, "best_round": 1, "test_accuracy": test,
+                   "test_loss": 0.8, "final_test_accuracy": final_test, "final_test_loss": 0.85,
+                   "selection": "validation", "lr": overrides.get("train.lr", 0.01), "weighting": "examples",
+                   "centralised": False, "communication": comm, "wall_s": 2.5}
         if overrides.get("privacy.enabled"):
             summary["privacy"] = {"enabled": True, "epsilon_max": overrides["privacy.epsilon"] * 0.9,
                                   "delta": [1e-5, 2e-5], "noise_multiplier": {"0": 1.1, "1": 1.3},
                                   "max_grad_norm": 1.0}
         (run_dir / "summary.json").write_text(json.dumps(summary))
-        rows = [{"round": 0, "accuracy": 0.25, "cum_bytes_up": 0, "cum_bytes_down": 0},
-                {"round": 1, "accuracy": accuracy, "cum_bytes_up": 100 * rank, "cum_bytes_down": 1000}]
+        rows = [{"round": 0, "val_accuracy": 0.25, "val_loss": 1.4, "cum_bytes_up": 0, "cum_bytes_down": 0},
+                {"round": 1, "val_accuracy": val, "val_loss": 0.9, "cum_bytes_up": 100 * rank,
+                 "cum_bytes_down": 1000}]
         (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         return FakeOutcome(1, COMPLETED, "", run_dir, 5.0)
 
@@ -135,10 +151,56 @@ def test_labels_read_back_as_the_values():
     ({"method.rank": [4]}, {"method.rank": 8}, "set.method.rank: also set by grid.method.rank"),
     ({"method.rank": [4]}, {"train.lrr": 0.1}, "set.train.lrr: unknown config key"),
     ({"method.rank": [4]}, ["x"], "set: expected a mapping"),
+    ({"m": [{"train.lr": []}]}, None, "grid.m[0].train.lr: an empty list"),
+    ({"m": [{"train.lr": [0.1]}, {"train.lr": [0.2, 0.1]}]}, None,
+     "grid.m: value train.lr=0.1 is listed twice"),
+    ({"m": [{"train.lrr": [0.1]}]}, None, "grid.m[0].train.lrr: unknown config key"),
     ({}, None, "grid: expected a non-empty mapping"),
 ])
 def test_bad_sweep_files_stop_with_one_line_naming_the_key(tmp_path, grid, fixed, message):
     path = write_sweep(tmp_path / "s.yaml", grid, fixed)
+    with pytest.raises(SweepError) as err:
+        load_sweep(path)
+    assert str(err.value).startswith(message), str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_a_list_in_a_linked_value_expands_into_one_value_per_element(tmp_path):
+    path = write_sweep(tmp_path / "s.yaml", {
+        "method": [{"method.name": "fedsb", "method.rank": 64, "train.lr": [0.003, 0.01, 0.03]},
+                   {"method.name": "ffa", "train.lr": [0.1, 0.2], "method.rank": [4, 8]},  # a product
+                   {"method.name": "fedex", "model.target_modules": ["query", "value"]}],  # a list-typed key
+        "seed": [0, 1],
+    })
+    (method, seed) = load_sweep(path).axes
+    assert [sweep._describe(value) for value in method.values] == [
+        "method.name=fedsb method.rank=64 train.lr=0.003",
+        "method.name=fedsb method.rank=64 train.lr=0.01",
+        "method.name=fedsb method.rank=64 train.lr=0.03",
+        "method.name=ffa train.lr=0.1 method.rank=4",
+        "method.name=ffa train.lr=0.1 method.rank=8",
+        "method.name=ffa train.lr=0.2 method.rank=4",
+        "method.name=ffa train.lr=0.2 method.rank=8",
+        'method.name=fedex model.target_modules=["query", "value"]',
+    ]
+    assert method.values[-1]["model.target_modules"] == ["query", "value"]
+    spec = load_sweep(path)
+    assert spec.shape == "8 x 2" and len(spec.cells()) == 16
+    assert spec.columns == ["method.name", "method.rank", "train.lr", "model.target_modules", "seed"]
+    assert spec.cells()[1].overrides == {"method.name": "fedsb", "method.rank": 64, "train.lr": 0.003,
+                                         "seed": 1}
+    # sweep.json's record of the grid gives the same cells, in the same order (for `fedsb plot`).
+    record = json.loads(json.dumps({axis.name: list(axis.values) for axis in spec.axes}))
+    assert sweep.grid_labels(record) == [cell.label for cell in spec.cells()]
+
+
+@pytest.mark.parametrize("tune, message", [
+    ("train.lr", "tune: train.lr is not set by any grid axis (grid keys: method.name, seed)"),
+    ("seed", "tune: seed is the repetition the tuning averages over"),
+    (["train.lr"], "tune: expected a config key"),
+])
+def test_tune_names_a_key_of_the_grid(tmp_path, tune, message):
+    path = write_sweep(tmp_path / "s.yaml", {"method.name": ["fedsb", "ffa"], "seed": [0, 1]}, tune=tune)
     with pytest.raises(SweepError) as err:
         load_sweep(path)
     assert str(err.value).startswith(message), str(err.value)
@@ -180,7 +242,11 @@ def test_each_cell_is_a_row_failures_are_recorded_and_a_rerun_skips_completed_ce
     assert len(result.failed) == 3
 
     row = by_rank["8"]
-    assert float(row["final_accuracy"]) == pytest.approx(0.58)
+    assert float(row["test_accuracy"]) == pytest.approx(0.58)
+    assert float(row["best_val_accuracy"]) == pytest.approx(0.61)
+    assert float(row["final_test_accuracy"]) == pytest.approx(0.57)
+    assert float(row["initial_val_accuracy"]) == 0.25 and row["best_round"] == "1"
+    assert float(row["lr"]) == 0.01 and row["centralised"] == "false"  # from the cell's config
     assert int(row["bytes_up"]) == 800 and int(row["bytes_down"]) == 1800 and int(row["bytes_total"]) == 2600
     assert int(row["bytes_down_init"]) == 1000 and int(row["bytes_up_lora_R"]) == 640
     assert int(row["bytes_up_lora_A"]) == 0
@@ -192,6 +258,8 @@ def test_each_cell_is_a_row_failures_are_recorded_and_a_rerun_skips_completed_ce
     progress = [line for line in lines if "cells |" in line]
     assert len(progress) == 5 and progress[0].startswith("[#") and "1/5 cells" in progress[0]
     assert "about" in progress[0] and "left" in progress[0] and progress[-1].endswith("done")
+    done = next(line for line in lines if "done method.rank=8" in line)
+    assert "test accuracy 0.58 at round 1 (validation 0.61" in done
 
     # Again: completed cells are skipped, failed ones are retried (and appended).
     runner2 = FakeRunner()
@@ -199,6 +267,148 @@ def test_each_cell_is_a_row_failures_are_recorded_and_a_rerun_skips_completed_ce
     assert [c.label for c in again.skipped] == ["method.rank=4", "method.rank=8"]
     assert [call["method.rank"] for call in runner2.calls] == [13, 17]
     assert len(read_csv(out / "sweep.csv")) == 8
+
+
+# --- tuning ---------------------------------------------------------------------------------------------
+
+# (method, lr) -> per seed 0, 1, 2: (best validation accuracy, test at that round, test after the last round).
+# fedsb: validation prefers lr 0.01, the test split would prefer 0.03: validation must win.
+# ffa: its two lrs tie on validation: the first in grid order (0.03, listed first) is chosen.
+# fedex: seed 1 fails at lr 0.01: the two completed seeds count.
+TUNE_RESULTS = {
+    ("fedsb", 0.003): [(0.80, 0.78, 0.77), (0.81, 0.79, 0.78), (0.79, 0.77, 0.76)],
+    ("fedsb", 0.01): [(0.85, 0.74, 0.73), (0.86, 0.77, 0.75), (0.84, 0.72, 0.70)],
+    ("fedsb", 0.03): [(0.70, 0.90, 0.91), (0.71, 0.91, 0.92), (0.72, 0.92, 0.90)],
+    ("ffa", 0.03): [(0.75, 0.60, 0.61), (0.76, 0.62, 0.63), (0.77, 0.61, 0.60)],
+    ("ffa", 0.01): [(0.75, 0.70, 0.71), (0.76, 0.72, 0.73), (0.77, 0.71, 0.70)],
+    ("fedex", 0.01): [(0.90, 0.80, 0.79), None, (0.92, 0.84, 0.83)],
+    ("fedex", 0.03): [(0.60, 0.95, 0.94), (0.61, 0.96, 0.95), (0.62, 0.97, 0.96)],
+}
+
+
+class TuneRunner(FakeRunner):
+    """Accuracies from TUNE_RESULTS by method, lr and seed; a None entry fails as a Flower run would."""
+
+    def accuracies(self, overrides: dict) -> tuple[float, float, float]:
+        return TUNE_RESULTS[overrides["method.name"], overrides["train.lr"]][overrides["seed"]]
+
+    def __call__(self, config_path, overrides, **kwargs) -> FakeOutcome:
+        if TUNE_RESULTS[overrides["method.name"], overrides["train.lr"]][overrides["seed"]] is None:
+            self.calls.append(dict(overrides))
+            run_dir = Path(overrides["output_dir"]) / f"failed-{len(self.calls)}"
+            run_dir.mkdir(parents=True)
+            return FakeOutcome(1, "finished:failed", "ServerApp raised: boom", run_dir, 3.0)
+        return super().__call__(config_path, overrides, **kwargs)
+
+
+def tune_sweep(tmp_path: Path) -> Path:
+    return write_sweep(tmp_path / "tune.yaml", {
+        "method": [{"method.name": "fedsb", "train.lr": [0.003, 0.01, 0.03]},
+                   {"method.name": "ffa", "train.lr": [0.03, 0.01]},
+                   {"method.name": "fedex", "train.lr": [0.01, 0.03]}],
+        "seed": [0, 1, 2],
+    }, output_dir=tmp_path / "out", tune="train.lr")
+
+
+def test_tuning_chooses_on_validation_and_reports_the_test_mean_and_std_there(tmp_path):
+    lines: list[str] = []
+    result = run_sweep(tune_sweep(tmp_path), runner=TuneRunner(), echo=lines.append)
+    assert len(result.ran) == 21 and len(result.failed) == 1
+    fedsb, ffa, fedex = result.tuned
+    assert [g.label for g in result.tuned] == ["fedsb r=4", "ffa r=4", "fedex r=4"]
+
+    # fedsb: validation picks 0.01; the test split alone would have picked 0.03.
+    assert [(c.value, c.seeds) for c in fedsb.candidates] == [("0.003", 3), ("0.01", 3), ("0.03", 3)]
+    assert fedsb.chosen.value == "0.01" and fedsb.seeds == 3
+    assert max(fedsb.candidates, key=lambda c: c.test_mean).value == "0.03"
+    tests = [0.74, 0.77, 0.72]
+    assert fedsb.test_accuracy.mean == pytest.approx(statistics.mean(tests), abs=1e-12)
+    assert fedsb.test_accuracy.std == pytest.approx(statistics.stdev(tests), abs=1e-12)
+    assert fedsb.final_test_accuracy.mean == pytest.approx(statistics.mean([0.73, 0.75, 0.70]), abs=1e-12)
+    assert fedsb.final_test_accuracy.std == pytest.approx(statistics.stdev([0.73, 0.75, 0.70]), abs=1e-12)
+    assert fedsb.val_accuracy.mean == pytest.approx(0.85, abs=1e-12)
+    assert [c.val_mean for c in fedsb.candidates] == pytest.approx([0.80, 0.85, 0.71])
+    assert fedsb.bytes_total.mean == 400 + 1400 and fedsb.elapsed_s.mean == 5.0
+    assert fedsb.cells == ("method.name=fedsb train.lr=0.01 seed=0", "method.name=fedsb train.lr=0.01 seed=1",
+                           "method.name=fedsb train.lr=0.01 seed=2")
+
+    # ffa: a tie on validation keeps the first value in grid order (0.03), though its test is lower.
+    assert ffa.candidates[0].val_mean == ffa.candidates[1].val_mean
+    assert ffa.chosen.value == "0.03"
+    assert ffa.test_accuracy.mean == pytest.approx(0.61, abs=1e-12)
+
+    # fedex: seed 1 failed at the chosen lr: the mean and std of the two completed seeds, n = 2.
+    assert fedex.chosen.value == "0.01" and fedex.seeds == 2 and fedex.chosen.failed == 1
+    assert fedex.test_accuracy.mean == pytest.approx(0.82, abs=1e-12)
+    assert fedex.test_accuracy.std == pytest.approx(statistics.stdev([0.80, 0.84]), abs=1e-12)
+
+    rows = {r["group"]: r for r in read_csv(tmp_path / "out" / "tuned.csv")}
+    assert list(rows) == ["fedsb r=4", "ffa r=4", "fedex r=4"]
+    header = list(rows["fedsb r=4"])
+    assert header[:2] == ["group", "method.name"] and "train.lr" not in header and "seed" not in header
+    assert header[2:] == list(sweep.TUNED_FIELDS[1:])
+    row = rows["fedsb r=4"]
+    assert row["tune_key"] == "train.lr" and row["tune_value"] == "0.01" and row["seeds"] == "3"
+    assert float(row["test_accuracy_mean"]) == pytest.approx(statistics.mean(tests), abs=1e-6)
+    assert float(row["test_accuracy_std"]) == pytest.approx(statistics.stdev(tests), abs=1e-6)
+    assert float(row["val_accuracy_mean"]) == pytest.approx(0.85, abs=1e-6)
+    assert int(float(row["bytes_total_mean"])) == 1800
+    assert row["candidates"].startswith("0.003: val 0.8, test 0.78, n 3; 0.01: val 0.85, test 0.743333, n 3")
+    assert rows["fedex r=4"]["seeds"] == "2" and rows["fedex r=4"]["seeds_failed"] == "1"
+
+    # The printed table, and sweep.json's record of `tune` for `fedsb plot`.
+    table = lines[lines.index(next(line for line in lines if "chosen per group on validation" in line)) + 1:]
+    assert table[0].split() == ["group", "train.lr", "seeds", "val", "acc", "test", "acc", "final-round",
+                                "test", "acc", "bytes", "total"]
+    assert table[1].split()[:4] == ["fedsb", "r=4", "0.01", "3"]
+    assert "0.850 ± 0.010" in table[1] and "0.743 ± 0.025  0.727 ± 0.025" in table[1]
+    pin = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    assert pin["tune"] == "train.lr"
+
+    # A rerun runs nothing and chooses the same.
+    again = run_sweep(tune_sweep(tmp_path), runner=TuneRunner(), echo=lambda line: None)
+    assert [c.value for c in (g.chosen for g in again.tuned)] == ["0.01", "0.03", "0.01"]
+
+
+def _row(cell: str, status: str = COMPLETED, **fields) -> dict:
+    return {"cell": cell, "status": status, "method": "fedit", "rank": "8", **fields}
+
+
+def test_tune_results_labels_the_centralised_reference_and_handles_one_seed_and_no_seed():
+    columns = ["federation.centralised", "method.name", "train.lr", "seed"]
+    rows = [
+        _row("c0", **{"federation.centralised": "false", "train.lr": "0.01", "seed": "0",
+                      "best_val_accuracy": "0.8", "test_accuracy": "0.7", "centralised": "false"}),
+        _row("c1", **{"federation.centralised": "true", "train.lr": "0.01", "seed": "0",
+                      "best_val_accuracy": "0.9", "test_accuracy": "0.85", "centralised": "true"}),
+        _row("c2", **{"federation.centralised": "true", "train.lr": "0.03", "seed": "0",
+                      "best_val_accuracy": "0.7", "test_accuracy": "0.95", "centralised": "true"}),
+        _row("c3", status="finished:failed", **{"federation.centralised": "false", "train.lr": "0.03",
+                                                 "seed": "0", "centralised": "false"}),
+        _row("c4", status="invalid config", **{"federation.centralised": "false", "method.name": "ffa",
+                                                "train.lr": "0.01", "seed": "0", "method": "", "rank": ""}),
+    ]
+    federated, centralised, nothing = sweep.tune_results(rows, columns, "train.lr")
+    assert federated.label == "fedit r=8"
+    assert centralised.label == "LoRA r=8, centralised (not federated)"  # fedit centralised: plain LoRA
+    assert nothing.label == "ffa r=?"
+    assert centralised.centralised and not federated.centralised
+    assert centralised.chosen.value == "0.01" and centralised.test_accuracy.mean == 0.85
+    assert centralised.test_accuracy.std is None  # one seed: no spread
+    assert sweep.mean_std_text(centralised.test_accuracy) == "0.850"
+    assert federated.chosen.value == "0.01" and [c.failed for c in federated.candidates] == [0, 1]
+    assert federated.candidates[1].val_mean is None  # the failed value is no candidate
+    assert nothing.chosen is None and nothing.seeds == 0 and nothing.method == "ffa"
+    row = sweep.tuned_row(nothing)
+    assert row["tune_value"] is None and row["test_accuracy_mean"] is None
+    assert sweep.setting_label("ffa", 4, True) == "LoRA (A frozen) r=4, centralised (not federated)"
+    assert sweep.setting_label("fedsb", 4, centralised=True).startswith("LoRA-SB r=4")
+    assert sweep.setting_label("fedsb", 4, extras=["privacy.epsilon=1"]) == "fedsb r=4 privacy.epsilon=1"
+
+
+def test_sweep_and_plots_import_without_torch():
+    code = "import sys, fedsb.sweep, fedsb.plots; assert 'torch' not in sys.modules, 'torch was imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_privacy_fields_and_the_largest_of_per_client_values(tmp_path):
@@ -298,12 +508,31 @@ def test_every_shipped_sweep_starts_with_its_command_and_every_cell_validates():
         assert path.read_text().startswith(f"# Run: fedsb sweep {relative}"), path
         spec = load_sweep(path)
         for cell in spec.cells():
-            load_config(spec.base, {**spec.fixed, **cell.overrides})
+            try:
+                load_config(spec.base, {**spec.fixed, **cell.overrides})
+            except ConfigError as err:  # local data that is not on this machine (e.g. SST-2)
+                assert str(err).startswith("data.source: got") and path.stem == "sst2", (path, err)
         sizes[path.stem] = spec.cells()
     assert {name: len(cells) for name, cells in sizes.items()} == {"comm": 12, "paper_private": 10,
-                                                                    "privacy": 16}
+                                                                    "privacy": 16, "sst2": 42}
+    # SST-2: every method with its own lr grid, 3 seeds, and the centralised reference.
+    sst2 = sizes["sst2"]
+    lrs = {(c.overrides["method.name"], c.overrides.get("federation.centralised", False)): set()
+           for c in sst2}
+    for c in sst2:
+        lrs[(c.overrides["method.name"], c.overrides.get("federation.centralised", False))].add(
+            c.overrides["train.lr"])
+    assert lrs[("fedsb", False)] == {0.003, 0.01, 0.03} and len(lrs[("fedit", True)]) == 2
+    assert {c.overrides["seed"] for c in sst2} == {0, 1, 2}
     no_dp = [c for c in sizes["privacy"] if c.overrides["privacy.enabled"] is False]
     assert len(no_dp) == 4 and all("privacy.epsilon" not in c.overrides for c in no_dp)
+
+
+def test_numbers_in_sweep_files_read_as_numbers(tmp_path):
+    path = write_sweep(tmp_path / "s.yaml", {"train.lr": ["1e-3", "5E-4"]})
+    text = path.read_text().replace("'1e-3'", "1e-3").replace("'5E-4'", "5E-4")
+    path.write_text(text)
+    assert [c.overrides["train.lr"] for c in load_sweep(path).cells()] == [0.001, 0.0005]
 
 
 # --- a real sweep -----------------------------------------------------------------------------------------
@@ -330,7 +559,7 @@ def test_a_tiny_real_sweep_writes_every_row_and_figure_and_reruns_nothing(tmp_pa
     for row in rows:
         if row["status"] == COMPLETED:
             assert int(row["bytes_up"]) > 0 and int(row["bytes_down"]) > 0
-            assert 0 <= float(row["final_accuracy"]) <= 1
+            assert 0 <= float(row["test_accuracy"]) <= 1 and 0 <= float(row["best_val_accuracy"]) <= 1
             assert (out / row["run_dir"] / "summary.json").is_file()
 
     calls = []
