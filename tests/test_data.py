@@ -549,3 +549,29 @@ def test_make_dataloader_yields_seeded_dict_batches():
     assert sorted(first.tolist()) == list(range(70))
     assert torch.equal(first, torch.cat([b["labels"] for b in make_dataloader(data_, 16, seed=5)]))
     assert not torch.equal(first, torch.cat([b["labels"] for b in make_dataloader(data_, 16, seed=6)]))
+
+
+@pytest.mark.parametrize("arch", ["tiny-bert", "tiny-llama", "tiny-gpt2"])
+def test_trimmed_batches_give_the_same_outputs_as_fully_padded_ones(arch):
+    """Batches drop the trailing columns that are padding in every row; the model's logits and loss
+    are those of the fully padded batch (to float32 tolerance)."""
+    from fedsb.models import load_model, load_tokenizer
+
+    model = load_model(arch, task="classification", num_labels=2, seed=0).eval()
+    tokenizer = load_tokenizer(arch)
+    ds = Dataset.from_dict({"text": ["good", "a rather long and winding sentence about a film", "bad film"],
+                            "label": [1, 0, 0]})
+    tokens = data.tokenize(ds, tokenizer, max_length=32, cache=False)
+    full = {k: v for k, v in tokens.items()}
+    (trimmed,) = list(data.iterate_batches(tokens, 8, shuffle=False))
+    width = int(full["attention_mask"].sum(1).max())
+    assert trimmed["input_ids"].shape == (3, width) and width < 32
+    assert torch.equal(trimmed["input_ids"], full["input_ids"][:, :width])
+    with torch.no_grad():
+        a, b = model(**full), model(**trimmed)
+    assert torch.allclose(a.logits, b.logits, atol=1e-5) and torch.allclose(a.loss, b.loss, atol=1e-6)
+    # Per-token labels (causal LM) and left padding are left as they are.
+    left = {**full, "attention_mask": full["attention_mask"].flip(1)}
+    assert data.trim_padding(left)["input_ids"].shape[1] == 32
+    per_token = {**full, "labels": full["input_ids"]}
+    assert data.trim_padding(per_token)["input_ids"].shape[1] == 32
