@@ -56,3 +56,22 @@ def test_fedsb_init_does_not_depend_on_what_the_worker_ran_before():
     again = worker.initial_state()
     for k in first:
         assert torch.allclose(first[k], again[k], atol=1e-6), k
+
+
+def test_every_init_gradient_source_uses_the_same_lr_eff():
+    """server, clients (and the private clients path, which only changes the gradient) all scale the
+    first-update estimate by the config's init_lr: train.lr / (rounds x local steps)."""
+    from fedsb.adapters import key
+    from fedsb.init import lora_sb_init
+
+    config = load_config(None, {**TINY, "method.name": "fedsb", "method.init.source": "clients"})
+    assert config.init_lr == config.train.lr / (2 * 2)
+    worker = Worker(config)
+    gradients = [worker.client_gradients(c)[0] for c in range(4)]
+    state = worker.initial_state(gradients)
+    summed = {k: sum(g[k] for g in gradients) for k in gradients[0]}
+    expected = lora_sb_init(summed, worker.method.rank, worker.method.scale, config.init_lr,
+                            torch.Generator().manual_seed(config.seed))
+    for name in worker.method.specs:
+        r = key(name, "lora_R")
+        assert torch.allclose(state[r], expected[r], rtol=1e-5, atol=0), name
