@@ -91,7 +91,8 @@ def run_server(grid: Grid, run_config: dict[str, Any]) -> FedsbStrategy:
     # The test split is looked at only now, at the two points a run reports: the round chosen on
     # validation, and the last round.
     final_test = worker.evaluate_global(strategy.global_state, "test")
-    chosen_test = worker.evaluate_global(chosen["state"], "test") if chosen else final_test
+    last_round_chosen = not chosen or chosen["round"] == config.federation.rounds
+    chosen_test = final_test if last_round_chosen else worker.evaluate_global(chosen["state"], "test")
     summary = recorder.summary(chosen_test, final_test,
                                **_summary_fields(config, worker, len(nodes), run_dir),
                                privacy=_privacy_summary(config, strategy.ledgers))
