@@ -31,6 +31,7 @@ State = dict[str, torch.Tensor]
 COMPONENTS = ("lora_A", "lora_B", "lora_R", "residual")
 HEAD = "head"
 ADAPTER_KINDS = ("lora", "lora_sb")
+ADAPTER_DTYPE = torch.float32  # adapters, residuals and everything sent on the wire
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,9 @@ class AdapterLayer(nn.Module):
         if rank <= 0:
             raise ValueError(f"rank must be a positive integer, got {rank}")
         out_features, in_features = weight_shape(base)
-        dtype, device = base.weight.dtype, base.weight.device
+        # Adapters (and the residual) are float32 whatever the base's precision: they are trained,
+        # averaged and sent on the wire, and exact aggregation holds in float32.
+        dtype, device = ADAPTER_DTYPE, base.weight.device
         self.base = base
         self.kind = kind
         self.scale = float(scale)
@@ -88,18 +91,19 @@ class AdapterLayer(nn.Module):
             if layer is not None:
                 nn.init.zeros_(layer.weight)  # real values come from a state (see fedsb.init)
         if residual:
-            self.register_buffer("residual", torch.zeros_like(base.weight))
+            self.register_buffer("residual", torch.zeros(base.weight.shape, dtype=dtype, device=device))
         else:
             self.residual = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
-        low_rank = self.lora_A(x)
+        x32 = x.to(ADAPTER_DTYPE)  # a no-op over a float32 base
+        low_rank = self.lora_A(x32)
         if self.lora_R is not None:
             low_rank = self.lora_R(low_rank)
-        out = out + self.scale * self.lora_B(low_rank)
+        out = out + (self.scale * self.lora_B(low_rank)).to(out.dtype)
         if self.residual is not None:
-            out = out + (x @ self.residual if self.conv1d else F.linear(x, self.residual))
+            out = out + (x32 @ self.residual if self.conv1d else F.linear(x32, self.residual)).to(out.dtype)
         return out
 
     def delta_weight(self) -> torch.Tensor:
@@ -111,8 +115,8 @@ class AdapterLayer(nn.Module):
         )
 
     def base_weight(self) -> torch.Tensor:
-        """The frozen base weight, out x in."""
-        weight = self.base.weight
+        """The frozen base weight, out x in, in float32."""
+        weight = self.base.weight.to(ADAPTER_DTYPE)
         return weight.T if self.conv1d else weight
 
 
@@ -209,7 +213,7 @@ def effective_weights(model: nn.Module) -> dict[str, torch.Tensor]:
 def merge_adapters(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight and unwrap it (in place); returns the model."""
     for name, layer in adapter_layers(model).items():
-        delta = layer.delta_weight()
+        delta = layer.delta_weight().to(layer.base.weight.dtype)
         layer.base.weight += delta.T if layer.conv1d else delta
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

@@ -60,6 +60,11 @@ class ModelConfig:
     task: Literal["classification", "causal_lm"] = "classification"
     max_length: int = 48
     target_modules: list[str] | None = None  # None: the architecture's defaults
+    # Where the base model, adapters and batches live: auto (CUDA when available), cpu, cuda, cuda:N.
+    device: str = "auto"
+    # The frozen base weights' precision (auto: bfloat16 on a GPU that supports it, else float32).
+    # Adapters, the head, optimiser state, aggregation and the wire stay float32.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
 
 @dataclass
@@ -332,9 +337,27 @@ def _require(condition: bool, key: str, value: Any, accepted: str) -> None:
         raise ConfigError(f"{key}: got {value!r}; accepted: {accepted}")
 
 
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:[0-9]+)?)$")
+
+
+def _check_device(device: str) -> None:
+    """model.device names a device this machine has (one line naming what it has otherwise)."""
+    _require(bool(DEVICE_PATTERN.match(device)), "model.device", device, "'auto', 'cpu', 'cuda' or 'cuda:N'")
+    if not device.startswith("cuda"):
+        return
+    import torch  # only here: the launcher validates configs without loading torch when it can
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = int(device.partition(":")[2] or 0)
+    _require(index < count, "model.device", device,
+             "'auto' or 'cpu' (this machine has no CUDA device)" if count == 0
+             else f"'auto', 'cpu', or cuda:0..cuda:{count - 1} (this machine has {count} CUDA device(s))")
+
+
 def validate(c: ExperimentConfig) -> None:
     """Range checks and cross-field checks; file existence for local data."""
     _require(c.model.max_length >= 8, "model.max_length", c.model.max_length, "an integer >= 8")
+    _check_device(c.model.device)
     _require(c.method.rank > 0, "method.rank", c.method.rank, "a positive integer")
     _require(c.method.alpha is None or c.method.alpha > 0, "method.alpha", c.method.alpha,
              "a positive number or null")

@@ -58,19 +58,20 @@ def accumulate_gradients(
         weight.requires_grad_(True)
         weight.grad = None
     seen = 0
+    device = next(iter(weights.values()))[0].device
     try:
         for batch in batches:
             take = min(len(batch["labels"]), num_samples - seen)
             if take <= 0:
                 break
-            inputs = {k: v[:take] for k, v in batch.items()}
+            inputs = {k: v[:take].to(device) for k, v in batch.items()}
             (model(**inputs).loss * take).backward()
             seen += take
     finally:
         grads = {}
         for name, (weight, conv1d) in weights.items():
             grad = weight.grad if weight.grad is not None else torch.zeros_like(weight)
-            grads[name] = (grad.T if conv1d else grad).detach().clone()
+            grads[name] = (grad.T if conv1d else grad).detach().float()  # float32 over any base dtype
             weight.grad = None
             weight.requires_grad_(False)
         model.train(was_training)
@@ -99,7 +100,8 @@ def truncated_svd(
         u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
     else:
         sketch = min(rank + oversample, min(m, n))
-        omega = torch.randn(n, sketch, generator=generator, dtype=matrix.dtype)
+        # Drawn on the CPU generator (the same sketch on any device), then moved to the matrix.
+        omega = torch.randn(n, sketch, generator=generator, dtype=matrix.dtype).to(matrix.device)
         q, _ = torch.linalg.qr(matrix @ omega)
         for _ in range(power_iterations):
             q, _ = torch.linalg.qr(matrix.T @ q)

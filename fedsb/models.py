@@ -113,8 +113,12 @@ def load_model(
     num_labels: int = 2,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
 ) -> PreTrainedModel:
     """Load a base model for sequence classification or causal LM and freeze all its weights.
+
+    `dtype` is the frozen weights' precision; a classification head stays float32 (it is
+    trained and averaged, see `keep_heads_float32`). The model is placed on `device` once.
 
     `name` is 'default' (packaged MiniLM), a tiny test model ('tiny-bert', 'tiny-llama',
     'tiny-gpt2'; random weights from `seed`), a local directory or a Hugging Face model id.
@@ -140,6 +144,9 @@ def load_model(
     if model.config.pad_token_id is None and getattr(model.config, "eos_token_id", None) is not None:
         model.config.pad_token_id = model.config.eos_token_id
     model.to(dtype)
+    if dtype != torch.float32:
+        keep_heads_float32(model)
+    model.to(device)
     model.requires_grad_(False)
     model.eval()
     return model
@@ -214,6 +221,40 @@ def find_target_modules(model: nn.Module, patterns: tuple[str, ...] | list[str] 
     if not names:
         raise ValueError(f"target_modules {list(patterns)} match no linear layer of the model")
     return names
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' -> CUDA when available, else the CPU; 'cpu', 'cuda', 'cuda:N' as they are."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The frozen base weights' dtype; 'auto': bfloat16 on a GPU that supports it, else float32."""
+    if name == "auto":
+        cuda = device.type == "cuda" and torch.cuda.is_available()
+        return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; accepted: auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def _to_float32_inputs(module: nn.Module, args: tuple) -> tuple:
+    return tuple(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+
+
+def keep_heads_float32(model: nn.Module) -> None:
+    """The task head is trained and sent on the wire: keep it float32 over a lower-precision base,
+    its inputs cast up on the way in (so its logits and the loss are float32 too)."""
+    for name in find_head_modules(model):
+        head = model.get_submodule(name)
+        if any(p.dtype != torch.float32 for p in head.parameters()):
+            head.float()
+            head.register_forward_pre_hook(_to_float32_inputs)
 
 
 def find_head_modules(model: nn.Module) -> list[str]:

@@ -32,7 +32,7 @@ from fedsb.data import (
 )
 from fedsb.init import accumulate_gradients
 from fedsb.methods import FederatedMethod, build_method
-from fedsb.models import find_target_modules, load_model, load_tokenizer
+from fedsb.models import find_target_modules, load_model, load_tokenizer, resolve_device, resolve_dtype
 from fedsb.train import TrainResult, evaluate, train_local
 
 if TYPE_CHECKING:
@@ -94,7 +94,10 @@ class Worker:
         self.data = load_task_data(config)
         m = config.model
         num_labels = len(self.data.label_names)
-        self.model = load_model(m.name, task=m.task, num_labels=num_labels, seed=config.seed)
+        # The base model is placed on its device once; only adapter-sized tensors move per client.
+        self.device = resolve_device(m.device)
+        self.model = load_model(m.name, task=m.task, num_labels=num_labels, seed=config.seed,
+                                dtype=resolve_dtype(m.dtype, self.device), device=self.device)
         self.tokenizer = load_tokenizer(m.name)
         targets = find_target_modules(self.model, m.target_modules)
         self.method: FederatedMethod = build_method(
@@ -140,9 +143,10 @@ class Worker:
         if ledger is not None:
             from fedsb.privacy import train_local_private
 
-            result = train_local_private(self.model, self.method, data, t.local_steps, t.lr, ledger,
+            on_device = {k: v.to(self.device) for k, v in data.items()}  # Opacus samples on the device
+            result = train_local_private(self.model, self.method, on_device, t.local_steps, t.lr, ledger,
                                          optimizer=t.optimizer, seed=seed)
-            return self.method.upload(extract_state(self.model, self.method.trained)), result
+            return self.upload(), result
 
         def batches():
             epoch = 0
@@ -151,7 +155,12 @@ class Worker:
                 epoch += 1
 
         result = train_local(self.model, self.method, batches(), t.local_steps, t.lr, t.optimizer)
-        return self.method.upload(extract_state(self.model, self.method.trained)), result
+        return self.upload(), result
+
+    def upload(self) -> State:
+        """What the client sends: the trained tensors, float32 on the CPU (the wire's format)."""
+        trained = extract_state(self.model, self.method.trained)
+        return {k: v.cpu() for k, v in self.method.upload(trained).items()}
 
     def client_gradients(self, partition_id: int, ledger: PrivacyLedger | None = None
                          ) -> tuple[dict[str, torch.Tensor], int]:
@@ -164,9 +173,12 @@ class Worker:
             from fedsb.privacy import privatize_init_gradient
 
             seed = hash_seed(self.config.seed, 0, partition_id)
-            return privatize_init_gradient(self.model, list(self.method.specs), data,
-                                           self.config.method.init.num_samples, ledger, seed=seed), n
-        return self._gradients(data, n), n
+            on_device = {k: v.to(self.device) for k, v in data.items()}
+            gradients = privatize_init_gradient(self.model, list(self.method.specs), on_device,
+                                                self.config.method.init.num_samples, ledger, seed=seed)
+        else:
+            gradients = self._gradients(data, n)
+        return {k: v.cpu() for k, v in gradients.items()}, n
 
     def reset_to_base(self) -> None:
         """The base model itself: zero adapters and the head's initial weights."""
@@ -200,7 +212,8 @@ class Worker:
                     raise ValueError("init.source=clients needs the clients' gradients")
                 gradients = {k: sum(g[k] for g in client_gradients) for k in client_gradients[0]}
         generator = torch.Generator().manual_seed(self.config.seed)
-        return self.method.initial_state(self.model, generator, gradients, lr_eff=self.config.init_lr)
+        state = self.method.initial_state(self.model, generator, gradients, lr_eff=self.config.init_lr)
+        return {k: v.cpu() for k, v in state.items()}  # the server's state lives on the CPU, in float32
 
     def evaluate_global(self, state: State, split: str = "validation") -> dict[str, float]:
         """The global state on the server's `validation` (every round) or `test` split."""

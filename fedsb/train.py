@@ -23,6 +23,15 @@ class TrainResult:
     examples: int
 
 
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def to_device(batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
+    """A batch on the model's device (batches are built on the CPU; a no-op there)."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
 def make_optimizer(params: list[nn.Parameter], name: str, lr: float, weight_decay: float = 0.0
                    ) -> torch.optim.Optimizer:
     if name == "adamw":
@@ -53,11 +62,12 @@ def train_local(
     """
     params = set_trainable(model, method.trained)
     opt = make_optimizer(params, optimizer, lr)
+    device = model_device(model)
     model.train()
     total_loss, examples = 0.0, 0
     source = cycle(batches)
     for _ in range(steps):
-        batch = next(source)
+        batch = to_device(next(source), device)
         loss = model(**batch).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -75,8 +85,10 @@ def train_local(
 def evaluate(model: nn.Module, batches: Iterable[Batch]) -> dict[str, float]:
     """Mean loss and accuracy (classification: argmax of logits; causal LM: next-token)."""
     model.eval()
+    device = model_device(model)
     loss_sum, correct, count = 0.0, 0, 0
     for batch in batches:
+        batch = to_device(batch, device)
         out = model(**batch)
         labels = batch["labels"]
         if out.logits.dim() == 2:  # sequence classification

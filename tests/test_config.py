@@ -43,6 +43,22 @@ def test_learning_rates_as_ml_users_write_them(tmp_path):
     assert (c.train.lr, c.method.init.lr) == (0.001, 2.5e-6)
 
 
+def test_a_device_this_machine_lacks_is_one_line_before_anything_starts():
+    import torch
+
+    assert load_config(None, {"model.device": "cpu"}).model.device == "cpu"
+    with pytest.raises(ConfigError, match=r"^model.device: got 'tpu'; accepted: 'auto', 'cpu', 'cuda' or"):
+        load_config(None, {"model.device": "tpu"})
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError) as err:
+            load_config(None, {"model.device": "cuda"})
+        assert str(err.value) == ("model.device: got 'cuda'; accepted: 'auto' or 'cpu' "
+                                  "(this machine has no CUDA device)")
+    else:  # pragma: no cover - GPU machines
+        with pytest.raises(ConfigError, match="this machine has"):
+            load_config(None, {"model.device": f"cuda:{torch.cuda.device_count()}"})
+
+
 def test_the_centralised_reference_pools_every_client_and_keeps_the_total_steps():
     c = load_config(None, {"federation.num_clients": 8, "federation.clients_per_round": 0.5,
                            "train.local_steps": 10, "federation.centralised": True})

@@ -28,9 +28,9 @@ CLIENT_WEIGHTS = (10.0, 30.0, 60.0)  # numbers of examples; normalised to 0.1, 0
 EXACT = ("ffa", "fedex", "fedsb")
 
 
-def setup(arch: str, method_name: str):
+def setup(arch: str, method_name: str, dtype: torch.dtype = torch.float32):
     """A tiny model with the method's adapters and the method's global initial state loaded."""
-    model = load_model(arch, num_labels=NUM_LABELS, seed=0)
+    model = load_model(arch, num_labels=NUM_LABELS, seed=0, dtype=dtype)
     targets = find_target_modules(model)
     method = build_method(method_name, model, targets, RANK, ALPHA)
     gradients = None
@@ -81,6 +81,26 @@ def test_aggregation_is_exact(arch, method_name):
     for name, spec in method.specs.items():
         assert rel_err(aggregated[name], expected[name]) < 1e-5, (name, spec)
     # The clients really diverged: otherwise exactness would be trivial.
+    some = next(iter(method.specs))
+    assert rel_err(client_weights[0][some], client_weights[2][some]) > 1e-7
+
+
+@pytest.mark.parametrize("method_name", EXACT)
+def test_aggregation_is_exact_over_a_bfloat16_base(method_name):
+    """model.dtype=bfloat16: the frozen base is bfloat16, while the adapters, the head, the upload
+    and the aggregation stay float32, so exact methods stay exact (tiny Llama)."""
+    model, method, global_state = setup("tiny-llama", method_name, dtype=torch.bfloat16)
+    layer = model.get_submodule(next(iter(method.specs)))
+    assert layer.base.weight.dtype == torch.bfloat16 and layer.lora_A.weight.dtype == torch.float32
+    assert all(v.dtype == torch.float32 for v in global_state.values())
+    uploads, client_weights = train_clients(model, method, global_state)
+    assert all(v.dtype == torch.float32 for u in uploads for v in u.values())
+    new_state = method.aggregate(global_state, uploads, CLIENT_WEIGHTS)
+    load_state(model, new_state)
+    aggregated = effective_weights(model)
+    expected = weighted_mean_weights(client_weights)
+    for name in method.specs:
+        assert rel_err(aggregated[name], expected[name]) < 1e-5, name
     some = next(iter(method.specs))
     assert rel_err(client_weights[0][some], client_weights[2][some]) > 1e-7
 

@@ -106,3 +106,23 @@ def test_adapter_forward_is_the_effective_weight(base, kind):
     assert weight.shape == (10, 6)
     expected = x @ weight.T + layer.base.bias
     assert torch.allclose(holder(x), expected, atol=1e-5)
+
+
+def test_the_gpu_check_says_there_is_no_gpu_and_its_loop_runs_on_a_tiny_model(capsys):
+    """benchmarks/gpu_check.py exits 0 without CUDA; --tiny runs its federated and bare loops."""
+    import importlib.util
+    from pathlib import Path
+
+    import torch
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    if not torch.cuda.is_available():
+        assert gpu_check.main([]) == 0
+        assert "no CUDA device" in capsys.readouterr().out
+    assert gpu_check.main(["--tiny", "--clients", "2", "--rounds", "1", "--steps", "1", "--batch", "2",
+                           "--seq", "8", "--methods", "fedex,fedsb"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("fedex", "fedsb"))]
+    assert len(rows) == 2
