@@ -514,7 +514,7 @@ def test_every_shipped_sweep_starts_with_its_command_and_every_cell_validates():
                 assert str(err).startswith("data.source: got") and path.stem == "sst2", (path, err)
         sizes[path.stem] = spec.cells()
     assert {name: len(cells) for name, cells in sizes.items()} == {"comm": 12, "paper_private": 10,
-                                                                    "privacy": 16, "sst2": 30}
+                                                                    "privacy": 16, "sst2": 27}
     # SST-2: every method with its own lr grid, 3 seeds, and the centralised reference.
     sst2 = sizes["sst2"]
     lrs = {(c.overrides["method.name"], c.overrides.get("federation.centralised", False)): set()
@@ -522,7 +522,8 @@ def test_every_shipped_sweep_starts_with_its_command_and_every_cell_validates():
     for c in sst2:
         lrs[(c.overrides["method.name"], c.overrides.get("federation.centralised", False))].add(
             c.overrides["train.lr"])
-    assert lrs[("fedsb", False)] == {0.01, 0.03} and all(len(v) == 2 for v in lrs.values())
+    assert lrs[("fedsb", False)] == {0.01, 0.03} and lrs[("fedit", True)] == {0.003}
+    assert all(len(v) == 2 for k, v in lrs.items() if not k[1])
     assert {c.overrides["seed"] for c in sst2} == {0, 1, 2}
     no_dp = [c for c in sizes["privacy"] if c.overrides["privacy.enabled"] is False]
     assert len(no_dp) == 4 and all("privacy.epsilon" not in c.overrides for c in no_dp)
