@@ -223,7 +223,7 @@ def load_sweep_dir(sweep_dir: str | Path, *, with_runs: bool = True) -> SweepDat
     if tune:  # in grid order (a tie goes to the first value), as `fedsb sweep` wrote tuned.csv
         grid = pin.get("grid")
         tuned = tune_results(in_grid_order(raw, grid_labels(grid)) if isinstance(grid, dict) else raw,
-                             columns, tune)
+                             columns, tune, pin.get("tune_seeds"))
     return SweepData(sweep_dir, columns, rows, settings, tune, tuned)
 
 
@@ -743,14 +743,18 @@ def tuned_section(groups: Sequence[TunedGroup]) -> list[str]:
                      human_bytes(g.bytes_down.mean), human_bytes(g.bytes_total.mean)])
     header = ["setting", f"chosen {tune}", "seeds", "val accuracy (mean)", "test accuracy (mean ± std)",
               "final-round test accuracy (mean ± std)", "bytes up", "bytes down", "bytes total"]
+    seeds = groups[0].select_seeds
+    over = (f"on seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))} (every value ran there; "
+            "the chosen one on every seed)") if seeds else "over its completed seeds"
     out = [f"## Tuned: `{tune}` chosen per setting on validation accuracy", "",
            f"Per setting (the grid less `{tune}` and the seed), the value of `{tune}` with the highest "
-           "mean best validation accuracy over its completed seeds (ties: the first in grid order); the "
+           f"mean best validation accuracy {over} (ties: the first in grid order); the "
            "test split never takes part in the choice. Test accuracy: the test split at each run's best "
            "validation round (the result); final-round: after the last round. Mean ± sample standard "
            "deviation over the completed seeds. Centralised settings pool every client's data in one "
            "client: a reference, not a federated result.", "", _table(header, rows), "",
-           f"Every value tried (`{tune}` → mean validation accuracy, completed seeds; chosen in bold):", ""]
+           f"Every value tried (`{tune}` → the validation accuracy that chose, completed seeds; chosen in "
+           "bold):", ""]
     for g in groups:
         tried = [f"{c.value} → {_fmt(c.val_mean)} ({c.seeds})" for c in g.candidates]
         tried = [f"**{t}**" if g.chosen and c.value == g.chosen.value else t

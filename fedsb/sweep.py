@@ -132,6 +132,7 @@ class SweepSpec:
     fixed: dict[str, Any]  # `set`
     axes: tuple[Axis, ...]
     tune: str | None = None  # the config key chosen per group on validation accuracy
+    tune_seeds: tuple[int, ...] | None = None  # choose on these seeds' validation only (None: every seed)
 
     @property
     def columns(self) -> list[str]:
@@ -324,7 +325,16 @@ def load_sweep(path: str | Path) -> SweepSpec:
                 raise SweepError(f"set.{k}: also set by grid.{axis.name}; keep it in one place")
             owner[k] = axis.name
     output_dir = Path(data["output_dir"]).expanduser().resolve()
-    return SweepSpec(path, base, output_dir, fixed, axes, _check_tune(data.get("tune"), list(owner)))
+    tune, tune_seeds = data.get("tune"), None
+    if isinstance(tune, Mapping):  # {key: train.lr, seeds: [0]}: choose on those seeds' validation only
+        unknown = set(tune) - {"key", "seeds"}
+        if unknown:
+            raise SweepError(f"tune.{sorted(unknown)[0]}: unknown key; accepted keys: key, seeds")
+        seeds = tune.get("seeds")
+        if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
+            raise SweepError(f"tune.seeds: expected a non-empty list of seeds, got {seeds!r}")
+        tune, tune_seeds = tune.get("key"), tuple(seeds)
+    return SweepSpec(path, base, output_dir, fixed, axes, _check_tune(tune, list(owner)), tune_seeds)
 
 
 def _check_tune(tune: Any, grid_keys: Sequence[str]) -> str | None:
@@ -541,6 +551,7 @@ class TunedGroup:
     bytes_down: Stat = Stat()
     bytes_total: Stat = Stat()
     elapsed_s: Stat = Stat()
+    select_seeds: tuple[int, ...] | None = None  # the seeds whose validation chose (None: every seed)
 
     @property
     def seeds(self) -> int:
@@ -566,10 +577,12 @@ def _values(rows: Iterable[Mapping[str, Any]], name: str) -> list[float]:
 
 
 def tune_results(rows: Iterable[Mapping[str, Any]], columns: Sequence[str],
-                 tune_key: str) -> list[TunedGroup]:
+                 tune_key: str, select_seeds: Sequence[int] | None = None) -> list[TunedGroup]:
     """Per group of cells (grid `columns` less `tune_key` and `seed`), the value of `tune_key` whose
     completed seeds have the highest mean best_val_accuracy (ties: the first in the order of `rows`),
-    and the test results there. Only validation selects: test_accuracy is never compared.
+    and the test results there over all its completed seeds. Only validation selects: test_accuracy
+    is never compared. With `select_seeds`, only those seeds' validation selects (successive
+    halving: every value runs on those seeds, the chosen one on the others too).
 
     `rows` are sweep.csv rows (the latest row of a cell counts), in grid order (see in_grid_order).
     """
@@ -579,12 +592,13 @@ def tune_results(rows: Iterable[Mapping[str, Any]], columns: Sequence[str],
         groups.setdefault(tuple(_text(row.get(c)) for c in group_columns), []).append(row)
     varied = [c for i, c in enumerate(group_columns)
               if c not in LABELLED_KEYS and len({key[i] for key in groups}) > 1]
-    return [_tune_group(dict(zip(group_columns, key, strict=True)), members, varied, tune_key)
+    return [_tune_group(dict(zip(group_columns, key, strict=True)), members, varied, tune_key, select_seeds)
             for key, members in groups.items()]
 
 
 def _tune_group(grid: dict[str, str], rows: list[Mapping[str, Any]], varied: Sequence[str],
-                tune_key: str) -> TunedGroup:
+                tune_key: str, select_seeds: Sequence[int] | None = None) -> TunedGroup:
+    selecting = {str(s) for s in select_seeds} if select_seeds else None
     by_value: dict[str, list[Mapping[str, Any]]] = {}
     for row in rows:
         by_value.setdefault(_text(row.get(tune_key)), []).append(row)
@@ -592,8 +606,9 @@ def _tune_group(grid: dict[str, str], rows: list[Mapping[str, Any]], varied: Seq
     for value, members in by_value.items():
         done = [r for r in members if r.get("status") == COMPLETED]
         done_at[value] = done
+        selects = [r for r in done if selecting is None or _text(r.get("seed")) in selecting]
         candidates.append(TuneCandidate(value, len(done), len(members) - len(done),
-                                        Stat.of(_values(done, "best_val_accuracy")).mean,
+                                        Stat.of(_values(selects, "best_val_accuracy")).mean,
                                         Stat.of(_values(done, "test_accuracy")).mean))
     chosen = None
     for candidate in candidates:  # strictly greater: a tie keeps the earlier value
@@ -608,7 +623,8 @@ def _tune_group(grid: dict[str, str], rows: list[Mapping[str, Any]], varied: Seq
         extras.append("(oracle init)")
     label = setting_label(method, int(rank) if rank is not None else "?", centralised, extras)
     common = dict(label=label, grid=grid, method=method, rank=int(rank) if rank is not None else None,
-                  centralised=centralised, tune_key=tune_key, candidates=tuple(candidates), chosen=chosen)
+                  centralised=centralised, tune_key=tune_key, candidates=tuple(candidates), chosen=chosen,
+                  select_seeds=tuple(select_seeds) if select_seeds else None)
     if chosen is None:
         return TunedGroup(**common)
     done = done_at[chosen.value]
@@ -740,7 +756,8 @@ def _check_pin(spec: SweepSpec) -> None:
     spec.output_dir.mkdir(parents=True, exist_ok=True)
     # Not pinned (a record for `fedsb plot`): the grid may grow, and tuning only reads the results.
     record = {**pin, "sweep_file": str(spec.path.resolve()),
-              "grid": {axis.name: list(axis.values) for axis in spec.axes}, "tune": spec.tune}
+              "grid": {axis.name: list(axis.values) for axis in spec.axes}, "tune": spec.tune,
+              "tune_seeds": list(spec.tune_seeds) if spec.tune_seeds else None}
     pin_path.write_text(json.dumps(record, indent=2, default=str) + "\n")
 
 
@@ -791,10 +808,11 @@ def run_sweep(path: str | Path, *, runner: Runner | None = None, stream: bool = 
         tuned_path.unlink(missing_ok=True)  # from an earlier `tune`: it would no longer match the sweep
         return result
     result.tuned = tune_results(in_grid_order(read_rows(csv_path)[1], [c.label for c in cells]),
-                                spec.columns, spec.tune)
+                                spec.columns, spec.tune, spec.tune_seeds)
     write_tuned(tuned_path, result.tuned)
-    echo(f"fedsb sweep: {spec.tune} chosen per group on validation accuracy (mean over the completed "
-         f"seeds); accuracies are mean ± std over seeds; written to {tuned_path}")
+    over = f"seeds {', '.join(map(str, spec.tune_seeds))}" if spec.tune_seeds else "the completed seeds"
+    echo(f"fedsb sweep: {spec.tune} chosen per group on validation accuracy (mean over {over}); "
+         f"accuracies are mean ± std over seeds; written to {tuned_path}")
     for line in tuned_table(result.tuned):
         echo(f"    {line}")
     return result
