@@ -514,17 +514,18 @@ def test_every_shipped_sweep_starts_with_its_command_and_every_cell_validates():
                 assert str(err).startswith("data.source: got") and path.stem == "sst2", (path, err)
         sizes[path.stem] = spec.cells()
     assert {name: len(cells) for name, cells in sizes.items()} == {"comm": 12, "paper_private": 10,
-                                                                    "privacy": 16, "sst2": 27}
-    # SST-2: every method with its own lr grid, 3 seeds, and the centralised reference.
+                                                                    "privacy": 16, "sst2": 19}
+    # SST-2 (successive halving): every lr of every method on seed 0, one lr per setting on seeds 1, 2.
     sst2 = sizes["sst2"]
-    lrs = {(c.overrides["method.name"], c.overrides.get("federation.centralised", False)): set()
-           for c in sst2}
+    setting = lambda c: (c.overrides["method.name"], c.overrides.get("federation.centralised", False))  # noqa: E731
+    lrs: dict = {}
     for c in sst2:
-        lrs[(c.overrides["method.name"], c.overrides.get("federation.centralised", False))].add(
-            c.overrides["train.lr"])
-    assert lrs[("fedsb", False)] == {0.01, 0.03} and lrs[("fedit", True)] == {0.003}
-    assert all(len(v) == 2 for k, v in lrs.items() if not k[1])
-    assert {c.overrides["seed"] for c in sst2} == {0, 1, 2}
+        lrs.setdefault((setting(c), c.overrides["seed"]), set()).add(c.overrides["train.lr"])
+    assert lrs[(("fedsb", False), 0)] == {0.01, 0.03} and lrs[(("fedit", True), 0)] == {0.003}
+    assert all(len(v) == 2 for (s, seed), v in lrs.items() if seed == 0 and not s[1])
+    assert all(len(v) == 1 for (s, seed), v in lrs.items() if seed > 0)
+    assert {s for (s, seed) in lrs if seed == 2} == {s for (s, seed) in lrs if seed == 0}  # 3 seeds each
+    assert load_sweep(root / "configs/sweeps/sst2.yaml").tune_seeds == (0,)
     no_dp = [c for c in sizes["privacy"] if c.overrides["privacy.enabled"] is False]
     assert len(no_dp) == 4 and all("privacy.epsilon" not in c.overrides for c in no_dp)
 
@@ -585,3 +586,32 @@ def test_a_tiny_real_sweep_writes_every_row_and_figure_and_reruns_nothing(tmp_pa
     assert len([line for line in privacy_axes.lines if line.get_gid() == "reference"]) == 2
     report = output.report.read_text()
     assert "## Failed cells" in report and "allow_pooled_init" in report
+
+
+def test_tune_seeds_chooses_on_those_seeds_and_reports_every_seed_of_the_choice(tmp_path):
+    """Successive halving: every lr runs on seed 0, the chosen one on seeds 1 and 2 too. The choice
+    reads seed 0's validation only; the result is the test mean and std over all three seeds."""
+    def row(lr, seed, val, test):
+        return _row(f"seed={seed} method.name=fedit train.lr={lr}", seed=str(seed), **{
+            "method.name": "fedit", "train.lr": str(lr), "best_val_accuracy": str(val),
+            "test_accuracy": str(test), "final_test_accuracy": str(test)})
+
+    rows = [row(0.001, 0, 0.80, 0.70), row(0.003, 0, 0.78, 0.75), row(0.001, 1, 0.70, 0.71),
+            row(0.001, 2, 0.72, 0.69)]
+    columns = ["seed", "method.name", "train.lr"]
+    (group,) = sweep.tune_results(rows, columns, "train.lr", select_seeds=[0])
+    assert group.chosen.value == "0.001" and group.seeds == 3 and group.select_seeds == (0,)
+    assert group.test_accuracy.mean == pytest.approx(statistics.mean([0.70, 0.71, 0.69]), abs=1e-12)
+    assert group.test_accuracy.std == pytest.approx(statistics.stdev([0.70, 0.71, 0.69]), abs=1e-12)
+    # Without it, the mean over whatever seeds completed would compare 3 seeds with 1.
+    (naive,) = sweep.tune_results(rows, columns, "train.lr")
+    assert naive.chosen.value == "0.003" and naive.seeds == 1
+
+    path = write_sweep(tmp_path / "s.yaml", {"train.lr": [0.001, 0.003], "seed": [0, 1]},
+                       tune={"key": "train.lr", "seeds": [0]})
+    spec = load_sweep(path)
+    assert (spec.tune, spec.tune_seeds) == ("train.lr", (0,))
+    for bad, message in (({"key": "train.lr", "seeds": []}, "tune.seeds: expected a non-empty list"),
+                         ({"key": "train.lr", "every": 1}, "tune.every: unknown key")):
+        with pytest.raises(SweepError, match=message):
+            load_sweep(write_sweep(tmp_path / "b.yaml", {"train.lr": [0.001], "seed": [0]}, tune=bad))
