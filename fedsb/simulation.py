@@ -33,7 +33,7 @@ from fedsb.data import (
 from fedsb.init import accumulate_gradients
 from fedsb.methods import FederatedMethod, build_method
 from fedsb.models import find_target_modules, load_model, load_tokenizer, resolve_device, resolve_dtype
-from fedsb.train import TrainResult, evaluate, train_local
+from fedsb.train import TrainResult, evaluate, to_device, train_local
 
 if TYPE_CHECKING:
     from fedsb.privacy import PrivacyLedger
@@ -143,7 +143,7 @@ class Worker:
         if ledger is not None:
             from fedsb.privacy import train_local_private
 
-            on_device = {k: v.to(self.device) for k, v in data.items()}  # Opacus samples on the device
+            on_device = to_device(data, self.device)  # Opacus samples on the device
             result = train_local_private(self.model, self.method, on_device, t.local_steps, t.lr, ledger,
                                          optimizer=t.optimizer, seed=seed)
             return self.upload(), result
@@ -160,7 +160,7 @@ class Worker:
     def upload(self) -> State:
         """What the client sends: the trained tensors, float32 on the CPU (the wire's format)."""
         trained = extract_state(self.model, self.method.trained)
-        return {k: v.cpu() for k, v in self.method.upload(trained).items()}
+        return to_device(self.method.upload(trained), torch.device("cpu"))
 
     def client_gradients(self, partition_id: int, ledger: PrivacyLedger | None = None
                          ) -> tuple[dict[str, torch.Tensor], int]:
@@ -173,12 +173,12 @@ class Worker:
             from fedsb.privacy import privatize_init_gradient
 
             seed = hash_seed(self.config.seed, 0, partition_id)
-            on_device = {k: v.to(self.device) for k, v in data.items()}
+            on_device = to_device(data, self.device)
             gradients = privatize_init_gradient(self.model, list(self.method.specs), on_device,
                                                 self.config.method.init.num_samples, ledger, seed=seed)
         else:
             gradients = self._gradients(data, n)
-        return {k: v.cpu() for k, v in gradients.items()}, n
+        return to_device(gradients, torch.device("cpu")), n
 
     def reset_to_base(self) -> None:
         """The base model itself: zero adapters and the head's initial weights."""
@@ -213,7 +213,7 @@ class Worker:
                 gradients = {k: sum(g[k] for g in client_gradients) for k in client_gradients[0]}
         generator = torch.Generator().manual_seed(self.config.seed)
         state = self.method.initial_state(self.model, generator, gradients, lr_eff=self.config.init_lr)
-        return {k: v.cpu() for k, v in state.items()}  # the server's state lives on the CPU, in float32
+        return to_device(state, torch.device("cpu"))  # the server's state lives on the CPU, in float32
 
     def evaluate_global(self, state: State, split: str = "validation") -> dict[str, float]:
         """The global state on the server's `validation` (every round) or `test` split."""

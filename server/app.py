@@ -65,14 +65,12 @@ def run_server(grid: Grid, run_config: dict[str, Any]) -> FedsbStrategy:
         seed=config.seed, meter=meter, client_eval=config.eval.client_eval, ledgers=ledgers,
         target_epsilon=config.privacy.epsilon if config.privacy.enabled else None,
         uniform_weights=config.federation.weighting == "uniform")
-    chosen: dict[str, Any] = {}  # the trained round with the best validation accuracy, and its state
+    chosen: dict[str, Any] = {}  # the state of the round the recorder chooses (best validation accuracy)
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         """Every round: the validation split (which every choice looks at); also the bookkeeping."""
         round_state = to_state(arrays)
         evaluation = worker.evaluate_global(round_state, "validation")
-        if server_round > 0 and evaluation["accuracy"] > chosen.get("val_accuracy", -1.0):
-            chosen.update(round=server_round, val_accuracy=evaluation["accuracy"], state=round_state)
         extra: dict[str, Any] = {}
         if server_round in strategy.rounds:
             r = strategy.rounds[server_round]
@@ -84,6 +82,9 @@ def run_server(grid: Grid, run_config: dict[str, Any]) -> FedsbStrategy:
         elif config.privacy.enabled:  # round 0: what the private init (if any) has spent
             extra.update(_epsilon_metrics({}, strategy.ledgers))
         recorder.end_round(server_round, evaluation, **extra)
+        best = recorder.best_row()  # one selection rule: the recorder's, which summary.json reports
+        if best is not None and best["round"] == server_round:
+            chosen.update(round=server_round, state=round_state)
         return MetricRecord({"val-accuracy": evaluation["accuracy"], "val-loss": evaluation["loss"]})
 
     strategy.start(grid, to_record(state), num_rounds=config.federation.rounds, evaluate_fn=evaluate)
