@@ -1,8 +1,8 @@
 """DP step time against non-DP step time, per method, measured in the same run.
 
 The packaged MiniLM (all-MiniLM-L6-v2, sequence classification, 2 labels), batch 16, sequence
-length 64, rank 8. A non-DP step is `fedsb.train.train_local`'s step (HF loss, backward,
-optimiser step); a DP step is `fedsb.privacy.PrivateStepper.step` (per-example losses, Opacus
+length 64, rank 8. A non-DP step is `fedsb.training.local.train_local`'s step (HF loss, backward,
+optimiser step); a DP step is `fedsb.training.privacy.PrivateStepper.step` (per-example losses, Opacus
 per-sample gradients of the trained tensors, clipping, Gaussian noise, optimiser step) on the
 same fixed batch, so both do the same work apart from DP (Poisson sampling itself is a
 Bernoulli draw per example: negligible, and left out). Steps are timed one by one in
@@ -26,12 +26,12 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fedsb.adapters import load_state, set_trainable  # noqa: E402
-from fedsb.init import accumulate_gradients  # noqa: E402
+from fedsb.core.adapters import load_state, set_trainable  # noqa: E402
+from fedsb.core.init import accumulate_gradients  # noqa: E402
+from fedsb.core.models import find_target_modules, load_model  # noqa: E402
 from fedsb.methods import build_method  # noqa: E402
-from fedsb.models import find_target_modules, load_model  # noqa: E402
-from fedsb.privacy import PrivateStepper  # noqa: E402
-from fedsb.train import make_optimizer  # noqa: E402
+from fedsb.training.local import make_optimizer  # noqa: E402
+from fedsb.training.privacy import PrivateStepper  # noqa: E402
 
 METHODS = ("fedit", "ffa", "fedex", "fedsb")
 
@@ -71,7 +71,7 @@ def elapsed(start: tuple[float, float]) -> tuple[float, float]:
 
 
 def time_plain(model, method, batch, steps: int, lr: float, optimizer: str) -> list[tuple[float, float]]:
-    """`steps` non-DP steps, exactly as fedsb.train.train_local takes them; (wall, CPU) seconds each."""
+    """`steps` non-DP steps, as fedsb.training.local.train_local takes them; (wall, CPU) seconds each."""
     params = set_trainable(model, method.trained)
     opt = make_optimizer(params, optimizer, lr)
     model.train()

@@ -10,7 +10,7 @@ for each method:
 
 - the federated loop: `--rounds` rounds in which each of `--clients` virtual clients loads the
   global state into the one shared model on the GPU, takes `--steps` AdamW steps with
-  `fedsb.train.train_local`, uploads its trained tensors (moved to the CPU, as on the wire) and
+  `fedsb.training.local.train_local`, uploads its trained tensors (moved to the CPU, as on the wire) and
   the server aggregates them with the method's rule (on the CPU, in float32/float64);
 - a bare PyTorch loop of the same number of steps on the same model and adapters (forward,
   backward, AdamW step; no state loading, no upload, no aggregation), measured in the same run;
@@ -48,7 +48,7 @@ def rank(name: str, args: argparse.Namespace) -> int:
 def build_model(shape: dict, device: torch.device, dtype: torch.dtype):
     from transformers import AutoModelForSequenceClassification, LlamaConfig
 
-    from fedsb.models import keep_heads_float32
+    from fedsb.core.models import keep_heads_float32
 
     config = LlamaConfig(**shape, num_labels=2)
     torch.manual_seed(0)
@@ -73,11 +73,11 @@ def synchronised() -> float:
 
 
 def run_method(name: str, model, args, device: torch.device) -> dict[str, float]:
-    from fedsb.adapters import extract_state, load_state, set_trainable
-    from fedsb.init import accumulate_gradients
+    from fedsb.core.adapters import extract_state, load_state, set_trainable
+    from fedsb.core.init import accumulate_gradients
+    from fedsb.core.models import find_target_modules
     from fedsb.methods import build_method
-    from fedsb.models import find_target_modules
-    from fedsb.train import make_optimizer, to_device, train_local
+    from fedsb.training.local import make_optimizer, to_device, train_local
 
     method = build_method(name, model, find_target_modules(model), rank(name, args), float(rank(name, args)))
     gradients = None
@@ -130,7 +130,7 @@ def run_method(name: str, model, args, device: torch.device) -> dict[str, float]
 
 def unwrap(model) -> None:
     """Take the adapters out again, so the next method starts from the bare base model."""
-    from fedsb.adapters import adapter_layers
+    from fedsb.core.adapters import adapter_layers
 
     for name, layer in adapter_layers(model).items():
         parent_name, _, child = name.rpartition(".")
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available() and not args.tiny:
         print("gpu_check: no CUDA device on this machine; nothing to measure (run it on a GPU machine).")
         return 0
-    from fedsb.models import resolve_device, resolve_dtype
+    from fedsb.core.models import resolve_device, resolve_dtype
 
     device = resolve_device("auto")
     dtype = resolve_dtype("auto", device)

@@ -20,10 +20,10 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedsb.adapters import State
-from fedsb.config import ExperimentConfig, from_run_config
-from fedsb.simulation import Worker, get_worker, quiet_libraries
-from server.records import (
+from fedsb.core.adapters import State
+from fedsb.experiment.config import ExperimentConfig, from_run_config
+from fedsb.experiment.worker import Worker, get_worker, quiet_libraries
+from fedsb.federation.protocol import (
     ADAPTER_RECORD,
     INIT_RECORD,
     METRICS_RECORD,
@@ -34,7 +34,7 @@ from server.records import (
 )
 
 if TYPE_CHECKING:
-    from fedsb.privacy import PrivacyLedger
+    from fedsb.training.privacy import PrivacyLedger
 
 APP_DIR = Path(__file__).resolve().parents[1]
 ONE_TIME_STATE = "fedsb.one-time"  # where a client keeps the tensors it receives once
@@ -94,7 +94,7 @@ def _ledger(context: Context, worker: Worker) -> Iterator[PrivacyLedger | None]:
     if not worker.config.privacy.enabled:
         yield None
         return
-    from fedsb.privacy import PrivacyLedger, ledger_for_client
+    from fedsb.training.privacy import PrivacyLedger, ledger_for_client
 
     if LEDGER_STATE in context.state.config_records:
         ledger = PrivacyLedger.from_json(str(context.state[LEDGER_STATE]["json"]))

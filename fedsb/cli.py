@@ -1,6 +1,6 @@
 """The `fedsb` command. Each subcommand is one `Subcommand` entry in SUBCOMMANDS.
 
-The CLI only parses arguments and prints; the work is done by the library (`fedsb.comm`,
+The CLI only parses arguments and prints; the work is done by the library (`fedsb.experiment.comm`,
 ...). To add a subcommand (run, demo, sweep, plot), write its `add_arguments` and `run`
 functions and append a `Subcommand` to SUBCOMMANDS.
 """
@@ -14,10 +14,13 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from fedsb import comm, deploy, plots, sweep
-from fedsb.launch import add_launch_arguments
+import fedsb.analysis.plots as plots
+import fedsb.analysis.sweep as sweep
+import fedsb.experiment.comm as comm
+import fedsb.ops.deploy as deploy
+from fedsb.core.models import TASKS, TINY_MODELS, find_target_modules
 from fedsb.methods import METHODS
-from fedsb.models import TASKS, TINY_MODELS, find_target_modules
+from fedsb.ops.launch import add_launch_arguments
 
 DEFAULT_RANK = 8
 REFERENCE_METHOD = "fedsb"  # upload ratios are taken against Fed-SB
@@ -216,24 +219,26 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
                         help="method(s) to run (repeatable; default: all four)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="config override, e.g. --set federation.rounds=3 (repeatable)")
+    parser.add_argument("--config", default="configs/default.yaml",
+                        help="the experiment's YAML file, before the demo's settings and --set")
 
 
 def _demo_run(args: argparse.Namespace) -> int:
-    from fedsb.config import load_config, parse_override
-    from fedsb.simulation import run_in_process
+    from fedsb.experiment.config import format_override_list, parse_override
+    from fedsb.federation.inprocess import run_in_process
 
     overrides = dict(DEMO_SETTINGS)
     overrides.update(parse_override(item) for item in args.set)
-    print("fedsb demo: the four methods side by side, in one process (no Flower), on the packaged "
-          "MiniLM and the generated topic task", flush=True)
+    print("fedsb demo: the methods side by side on the packaged MiniLM and the generated topic task; the "
+          "real ServerApp and ClientApp, in one process (no SuperLink)", flush=True)
     finals = {}
     for name in parse_methods(args.method):
-        config = load_config(None, {**overrides, "method.name": name})
-        rows = run_in_process(config, log=lambda line: print(line, flush=True))
-        finals[name] = rows[-1]
-    print("\nmethod  final val accuracy  bytes up (last round)  bytes down (last round)")
-    for name, row in finals.items():
-        print(f"{name:<6}  {row['val_accuracy']:>18.3f}  {row['bytes_up']:>21,}  {row['bytes_down']:>22,}")
+        run_config = {"config": args.config, "method": name, "overrides": format_override_list(overrides)}
+        finals[name] = run_in_process(run_config).summary
+    print("\nmethod  test accuracy  bytes up (all rounds)  bytes down (all rounds)  run directory")
+    for name, s in finals.items():
+        print(f"{name:<6}  {s['test_accuracy']:>13.3f}  {s['communication']['up']['bytes']:>21,}  "
+              f"{s['communication']['down']['bytes']:>23,}  {s['run_dir']}")
     return 0
 
 
@@ -249,8 +254,8 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_run(args: argparse.Namespace) -> int:
-    from fedsb.config import parse_override
-    from fedsb.launch import run_simulation
+    from fedsb.experiment.config import parse_override
+    from fedsb.ops.launch import run_simulation
 
     overrides = dict(parse_override(item) for item in args.set)
     outcome = run_simulation(args.config, overrides, app_dir=args.app, cpus_per_client=args.cpus_per_client,

@@ -15,12 +15,15 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, M
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
-from fedsb import results
-from fedsb.comm import Meter
-from fedsb.config import ExperimentConfig, from_run_config
-from fedsb.models import load_model
-from fedsb.simulation import Worker, get_worker, quiet_libraries, sample_clients
-from server.records import INIT_RECORD, NUM_EXAMPLES, meter_message, to_record, to_state
+from fedsb.core.models import load_model
+from fedsb.experiment.cohort import sample_clients
+from fedsb.experiment.config import ExperimentConfig, from_run_config
+from fedsb.experiment.export import export_adapter
+from fedsb.experiment.meter import Meter
+from fedsb.experiment.recorder import RunRecorder, plot_partition
+from fedsb.experiment.rundir import run_dir_for, write_config
+from fedsb.experiment.worker import Worker, get_worker, quiet_libraries
+from fedsb.federation.protocol import INIT_RECORD, NUM_EXAMPLES, meter_message, to_record, to_state
 from server.strategy import LEDGER_KEYS, FedsbStrategy
 
 APP_DIR = Path(__file__).resolve().parents[1]  # the installed app: config paths are relative to it
@@ -38,8 +41,8 @@ def main(grid: Grid, context: Context) -> None:
 def run_server(grid: Grid, run_config: dict[str, Any]) -> FedsbStrategy:
     """The whole run: config, run directory, clients, init, rounds, outputs. Returns the strategy."""
     config = from_run_config(run_config, APP_DIR)  # a bad config stops here, before any training
-    run_dir = _run_dir(config, str(run_config.get("run-dir", "")))
-    results.write_config(run_dir, config.to_dict())
+    run_dir = run_dir_for(config, str(run_config.get("run-dir", "")))
+    write_config(run_dir, config.to_dict())
     label = f"{config.method.name} r={config.method.rank}"
     if config.method.name == "fedsb" and config.method.init.source == "pooled":
         label += " ORACLE init (pooled data)"  # the paper's setting, not a federated result
@@ -50,10 +53,10 @@ def run_server(grid: Grid, run_config: dict[str, Any]) -> FedsbStrategy:
     log(INFO, "[%s] run directory %s", label, run_dir)
 
     worker = get_worker(config)
-    results.plot_partition(run_dir, worker.data.stats(), worker.data.label_names)
+    plot_partition(run_dir, worker.data.stats(), worker.data.label_names)
     nodes = discover_clients(grid, config.federation.num_clients, float(run_config.get("node-wait-s", 60)))
     meter = Meter()
-    recorder = results.RunRecorder(run_dir, meter, label, log=lambda line: log(INFO, line))
+    recorder = RunRecorder(run_dir, meter, label, log=lambda line: log(INFO, line))
 
     client_gradients, ledgers = None, {}
     if config.method.name == "fedsb" and config.method.init.source == "clients":
@@ -97,7 +100,7 @@ def run_server(grid: Grid, run_config: dict[str, Any]) -> FedsbStrategy:
     summary = recorder.summary(chosen_test, final_test,
                                **_summary_fields(config, worker, len(nodes), run_dir),
                                privacy=_privacy_summary(config, strategy.ledgers))
-    export = results.export_adapter(run_dir, _fresh_base_model(config, worker), worker.method,
+    export = export_adapter(run_dir, _fresh_base_model(config, worker), worker.method,
                                     strategy.global_state, config.model.task)
     log(INFO, "[%s] test accuracy %.3f at round %s (chosen on validation: %.3f); last round's test accuracy "
         "%.3f; sent up %s B, down %s B; adapter: %s", label, summary["test_accuracy"], summary["best_round"],
@@ -105,15 +108,6 @@ def run_server(grid: Grid, run_config: dict[str, Any]) -> FedsbStrategy:
         f"{summary['communication']['up']['bytes']:,}", f"{summary['communication']['down']['bytes']:,}",
         export)
     return strategy
-
-
-def _run_dir(config: ExperimentConfig, given: str) -> Path:
-    if given:
-        path = Path(given).expanduser().resolve()
-        path.mkdir(parents=True, exist_ok=True)
-        return path
-    name = f"{config.method.name}-r{config.method.rank}-s{config.seed}"
-    return results.new_run_dir(config.output_dir, name)
 
 
 def discover_clients(grid: Grid, num_clients: int, wait_s: float) -> dict[int, int]:
@@ -189,7 +183,7 @@ def gather_init_gradients(grid: Grid, config: ExperimentConfig, nodes: dict[int,
 
 
 def _not_private(config: ExperimentConfig) -> bool:
-    from fedsb.privacy import privacy_status
+    from fedsb.training.privacy import privacy_status
 
     return privacy_status(config).startswith("not private")
 
@@ -205,7 +199,7 @@ def _epsilon_metrics(trained: dict[int, float], ledgers: dict[int, dict[str, flo
 def _privacy_summary(config: ExperimentConfig, ledgers: dict[int, dict[str, float]]) -> dict[str, Any]:
     if not config.privacy.enabled:
         return {"enabled": False}
-    from fedsb.privacy import privacy_status
+    from fedsb.training.privacy import privacy_status
 
     per_client = {str(pid): ledgers[pid] for pid in sorted(ledgers)}
     return {

@@ -21,11 +21,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
-from fedsb.adapters import State, component_of
-from fedsb.comm import Meter
-from fedsb.methods import FederatedMethod, InvalidUpdate
-from fedsb.simulation import sample_clients
-from server.records import (
+from fedsb.core.adapters import State, component_of
+from fedsb.experiment.cohort import sample_clients
+from fedsb.experiment.meter import Meter
+from fedsb.federation.protocol import (
     ADAPTER_RECORD,
     INIT_RECORD,
     METRICS_RECORD,
@@ -35,6 +34,7 @@ from server.records import (
     to_record,
     to_state,
 )
+from fedsb.methods import FederatedMethod, InvalidUpdate
 
 LEDGER_KEYS = ("epsilon", "delta", "target_epsilon", "noise_multiplier", "max_grad_norm", "sample_rate",
                "dp_steps")  # what a client reports of its privacy ledger

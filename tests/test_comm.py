@@ -1,4 +1,4 @@
-"""Closed-form communication counts (fedsb.comm) and the `fedsb comm` command.
+"""Closed-form communication counts (fedsb.experiment.comm) and the `fedsb comm` command.
 
 Expected numbers are written out by hand from the tiny models' shapes (see the comments), so
 a change in a method's download/upload, or in the closed form, shows up here.
@@ -11,11 +11,11 @@ import json
 import pytest
 import torch
 
-from fedsb import comm
-from fedsb.adapters import component_of, target_specs
+import fedsb.experiment.comm as comm
 from fedsb.cli import main, parse_ranks
+from fedsb.core.adapters import component_of, target_specs
+from fedsb.core.models import find_target_modules, load_model, meta_model
 from fedsb.methods import get_method
-from fedsb.models import find_target_modules, load_model, meta_model
 
 # tiny-bert, rank r = 4, classification with 3 labels. Per layer (2 layers), the 6 default
 # targets (m = out, n = in): query, key, value, attention.output.dense: 32 x 32 each;

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fedsb.config import ConfigError, from_run_config, load_config, parse_override
+from fedsb.experiment.config import ConfigError, from_run_config, load_config, parse_override
 
 
 def test_defaults_and_derived_values():

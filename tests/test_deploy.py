@@ -28,8 +28,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedsb import deploy
-from fedsb.deploy import Credentials, LocalDeployment
+import fedsb.ops.deploy as deploy
+from fedsb.ops.deploy import Credentials, LocalDeployment
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -478,10 +478,10 @@ def test_compose_credentials_and_registration_work_with_flwr_and_everything_stop
 @pytest.mark.slow
 @needs_flower
 def test_deploy_local_cli_stops_everything_on_sigterm(tmp_path):
-    """`python -m fedsb.deploy local` (what `fedsb deploy-local` runs) killed with SIGTERM while its
+    """`python -m fedsb.ops.deploy local` (what `fedsb deploy-local` runs) killed with SIGTERM while its
     SuperNodes are coming up leaves no Flower process behind."""
     workdir = _workdir("sigterm")
-    proc = subprocess.Popen([sys.executable, "-m", "fedsb.deploy", "local", "--nodes", "1", "--workdir",
+    proc = subprocess.Popen([sys.executable, "-m", "fedsb.ops.deploy", "local", "--nodes", "1", "--workdir",
                              str(workdir), "--quiet", "--config", str(ROOT / TINY)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
     seen = []

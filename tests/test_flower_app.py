@@ -10,17 +10,24 @@ from pathlib import Path
 import pytest
 import torch
 from flwr.app import MessageType, RecordDict
-from loopback import LoopbackGrid
 
-from fedsb.adapters import key
 from fedsb.cli import main as fedsb_main
-from fedsb.comm import closed_form, head_shapes
-from fedsb.config import ConfigError, from_run_config
+from fedsb.core.adapters import key
+from fedsb.experiment.comm import closed_form, head_shapes
+from fedsb.experiment.config import ConfigError, from_run_config
+from fedsb.experiment.rundir import read_metrics
+from fedsb.experiment.worker import get_worker
+from fedsb.federation.inprocess import InProcessGrid
+from fedsb.federation.protocol import (
+    ADAPTER_RECORD,
+    INIT_RECORD,
+    METRICS_RECORD,
+    NUM_EXAMPLES,
+    to_record,
+    to_state,
+)
 from fedsb.methods import METHODS
-from fedsb.results import read_metrics
-from fedsb.simulation import get_worker
 from server.app import APP_DIR, run_server
-from server.records import ADAPTER_RECORD, INIT_RECORD, METRICS_RECORD, NUM_EXAMPLES, to_record, to_state
 
 TINY = "tests/configs/tiny.yaml"
 NUM_CLIENTS = 4
@@ -28,16 +35,16 @@ NUM_CLIENTS = 4
 
 def simulate(run_dir: Path, overrides: str = "", tamper=None, num_nodes: int = NUM_CLIENTS, **run_config):
     rc = {"config": TINY, "run-dir": str(run_dir), "overrides": overrides, **run_config}
-    grid = LoopbackGrid(num_nodes, rc, tamper=tamper)
+    grid = InProcessGrid(num_nodes, rc, tamper=tamper)
     strategy = run_server(grid, rc)
     return grid, strategy
 
 
-def partition(grid: LoopbackGrid, node_id: int) -> int:
+def partition(grid: InProcessGrid, node_id: int) -> int:
     return int(grid.contexts[node_id].node_config["partition-id"])
 
 
-def train_traffic(grid: LoopbackGrid, server_round: int):
+def train_traffic(grid: InProcessGrid, server_round: int):
     """(partition id -> sent message, partition id -> reply) of one training round."""
     sent = {partition(grid, m.metadata.dst_node_id): m for m in grid.sent
             if m.metadata.message_type == MessageType.TRAIN and m.metadata.group_id == str(server_round)}
@@ -216,9 +223,9 @@ def test_exported_adapter_reproduces_the_final_evaluation(runs, method):
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
-    from fedsb.data import iterate_batches
-    from fedsb.models import load_model
-    from fedsb.train import evaluate
+    from fedsb.core.models import load_model
+    from fedsb.data.sources import iterate_batches
+    from fedsb.training.local import evaluate
 
     _, _, run_dir = runs[method]
     final = read_metrics(run_dir)[-1]
@@ -285,7 +292,7 @@ BAD = [
 
 @pytest.mark.parametrize(("override", "message"), BAD)
 def test_a_bad_config_stops_the_server_before_any_message(tmp_path, override, message):
-    grid = LoopbackGrid(NUM_CLIENTS, {})
+    grid = InProcessGrid(NUM_CLIENTS, {})
     with pytest.raises(ConfigError, match="^" + message.replace("(", r"\(").replace(".", r"\.")):
         run_server(grid, {"config": TINY, "run-dir": str(tmp_path / "run"), "overrides": override})
     assert grid.sent == [] and not (tmp_path / "run").exists()
@@ -328,7 +335,7 @@ def test_too_few_supernodes_is_a_clear_error(tmp_path):
 def test_real_flwr_run_completes_and_writes_the_run_directory(tmp_path):
     import json
 
-    from fedsb.launch import run_simulation
+    from fedsb.ops.launch import run_simulation
 
     lines: list[str] = []
     outcome = run_simulation(APP_DIR / TINY, {"output_dir": str(tmp_path), "method.name": "ffa"},

@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 from flwr.app import MessageType
-from loopback import LoopbackGrid
 from opacus.accountants import RDPAccountant
 
-from fedsb.config import ConfigError
+from fedsb.experiment.config import ConfigError
+from fedsb.experiment.rundir import read_metrics
+from fedsb.federation.inprocess import InProcessGrid
+from fedsb.federation.protocol import METRICS_RECORD
 from fedsb.methods import METHODS
-from fedsb.results import read_metrics
 from server.app import run_server
-from server.records import METRICS_RECORD
 
 TINY = "tests/configs/tiny.yaml"
 TARGET = 3.0
@@ -26,7 +26,7 @@ TARGET = 3.0
 def private_run(run_dir: Path, method: str, overrides: str = "", tamper=None):
     rc = {"config": TINY, "run-dir": str(run_dir), "method": method, "privacy-epsilon": TARGET,
           "overrides": overrides}
-    grid = LoopbackGrid(4, rc, tamper=tamper)
+    grid = InProcessGrid(4, rc, tamper=tamper)
     return grid, run_server(grid, rc)
 
 
@@ -48,7 +48,7 @@ def test_every_method_trains_privately_and_writes_the_ledger(tmp_path, method):
         assert ledger["dp_steps"] == 2 * 2  # 2 rounds x 2 local steps, all charged
         assert ledger["delta"] < 1 / 50 and ledger["noise_multiplier"] > 0 and ledger["max_grad_norm"] == 1.0
     # The private steps moved the trained tensors.
-    from server.records import ADAPTER_RECORD, to_state
+    from fedsb.federation.protocol import ADAPTER_RECORD, to_state
 
     before = to_state(first.content[ADAPTER_RECORD])
     moved = [k for k in strategy.method.upload(strategy.global_state)

@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import random_batch
 
-from fedsb.adapters import ModuleSpec, inject_adapters, target_specs
-from fedsb.init import (
+from fedsb.core.adapters import ModuleSpec, inject_adapters, target_specs
+from fedsb.core.init import (
     accumulate_gradients,
     ffa_init,
     first_update_estimate,
@@ -17,7 +17,7 @@ from fedsb.init import (
     lora_sb_init,
     truncated_svd,
 )
-from fedsb.models import find_target_modules, load_model
+from fedsb.core.models import find_target_modules, load_model
 
 SPECS = {"a": ModuleSpec("a", 24, 40, False), "b": ModuleSpec("b", 40, 24, True)}
 
@@ -127,10 +127,10 @@ def test_the_default_lora_sb_init_leaves_the_packaged_minilm_almost_unchanged():
     median of 6e-2 and scrambled the [CLS] features before round 1); and R0 is linear in lr_eff."""
     from pathlib import Path
 
-    from fedsb.adapters import key
-    from fedsb.config import load_config
-    from fedsb.init import lora_sb_init
-    from fedsb.simulation import Worker
+    from fedsb.core.adapters import key
+    from fedsb.core.init import lora_sb_init
+    from fedsb.experiment.config import load_config
+    from fedsb.experiment.worker import Worker
 
     config = load_config(Path(__file__).resolve().parents[1] / "configs/default.yaml")
     steps = config.federation.rounds * config.train.local_steps

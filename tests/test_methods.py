@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import NUM_LABELS, random_batch
 
-from fedsb.adapters import (
+from fedsb.core.adapters import (
     HEAD,
     component_of,
     effective_weights,
@@ -18,10 +18,10 @@ from fedsb.adapters import (
     load_state,
     merge_adapters,
 )
-from fedsb.init import accumulate_gradients
+from fedsb.core.init import accumulate_gradients
+from fedsb.core.models import find_target_modules, load_model
 from fedsb.methods import METHODS, InvalidUpdate, build_method, get_method
-from fedsb.models import find_target_modules, load_model
-from fedsb.train import train_local
+from fedsb.training.local import train_local
 
 RANK, ALPHA = 4, 8.0
 CLIENT_WEIGHTS = (10.0, 30.0, 60.0)  # numbers of examples; normalised to 0.1, 0.3, 0.6

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from fedsb.adapters import AdapterLayer, effective_weights, inject_adapters
-from fedsb.models import (
+from fedsb.core.adapters import AdapterLayer, effective_weights, inject_adapters
+from fedsb.core.models import (
     DEFAULT_TARGETS,
     find_head_modules,
     find_target_modules,

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from matplotlib.container import BarContainer, ErrorbarContainer
 
-from fedsb import plots
-from fedsb.plots import pareto_frontier, plot_dir
-from fedsb.sweep import COMPLETED, csv_header, format_value, result_fields
+import fedsb.analysis.plots as plots
+from fedsb.analysis.plots import pareto_frontier, plot_dir
+from fedsb.analysis.sweep import COMPLETED, csv_header, format_value, result_fields
 
 METHODS = ("fedit", "ffa", "fedex", "fedsb")
 ROUNDS = 2

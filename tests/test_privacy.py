@@ -13,12 +13,12 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.analysis import rdp as rdp_analysis
 from torch import nn
 
-from fedsb.adapters import HEAD, State, component_of, extract_state, load_state
-from fedsb.config import ConfigError, load_config
-from fedsb.init import accumulate_gradients
+from fedsb.core.adapters import HEAD, State, component_of, extract_state, load_state
+from fedsb.core.init import accumulate_gradients
+from fedsb.core.models import find_target_modules, load_model
+from fedsb.experiment.config import ConfigError, load_config
 from fedsb.methods import build_method
-from fedsb.models import find_target_modules, load_model
-from fedsb.privacy import (
+from fedsb.training.privacy import (
     BudgetExceeded,
     PrivacyLedger,
     PrivateStepper,

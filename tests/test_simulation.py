@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from fedsb.config import load_config
-from fedsb.simulation import Worker, run_in_process, sample_clients
+from fedsb.experiment.cohort import sample_clients
+from fedsb.experiment.config import load_config
+from fedsb.experiment.worker import Worker
 
 TINY = {"model.name": "tiny-bert", "model.max_length": 16, "data.num_examples": 200,
         "data.max_test_examples": 40, "federation.num_clients": 4, "federation.rounds": 2,
@@ -41,13 +42,6 @@ def test_a_round_aggregates_the_client_uploads():
     assert torch.allclose(new[k].double(), (uploads[0][k].double() + uploads[1][k].double()) / 2, atol=1e-7)
 
 
-def test_in_process_loop_is_reproducible():
-    config = load_config(None, {**TINY, "method.name": "ffa"})
-    first, second = run_in_process(config, log=lambda _: None), run_in_process(config, log=lambda _: None)
-    assert first == second and len(first) == 2
-    assert first[0]["bytes_down"] > first[1]["bytes_down"]  # A is sent once, in round 1
-
-
 def test_fedsb_init_does_not_depend_on_what_the_worker_ran_before():
     config = load_config(None, {**TINY, "method.name": "fedsb"})
     worker = Worker(config)
@@ -61,8 +55,8 @@ def test_fedsb_init_does_not_depend_on_what_the_worker_ran_before():
 def test_every_init_gradient_source_uses_the_same_lr_eff():
     """server, clients (and the private clients path, which only changes the gradient) all scale the
     first-update estimate by the config's init_lr: train.lr / (rounds x local steps)."""
-    from fedsb.adapters import key
-    from fedsb.init import lora_sb_init
+    from fedsb.core.adapters import key
+    from fedsb.core.init import lora_sb_init
 
     config = load_config(None, {**TINY, "method.name": "fedsb", "method.init.source": "clients"})
     assert config.init_lr == config.train.lr / (2 * 2)

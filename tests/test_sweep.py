@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedsb import sweep
-from fedsb.config import ConfigError
-from fedsb.sweep import COMPLETED, INVALID_CONFIG, SweepError, load_sweep, run_sweep
+import fedsb.analysis.sweep as sweep
+from fedsb.analysis.sweep import COMPLETED, INVALID_CONFIG, SweepError, load_sweep, run_sweep
+from fedsb.experiment.config import ConfigError
 
 TINY = Path(__file__).resolve().parent / "configs" / "tiny.yaml"
 
@@ -407,7 +407,8 @@ def test_tune_results_labels_the_centralised_reference_and_handles_one_seed_and_
 
 
 def test_sweep_and_plots_import_without_torch():
-    code = "import sys, fedsb.sweep, fedsb.plots; assert 'torch' not in sys.modules, 'torch was imported'"
+    code = ("import sys, fedsb.analysis.sweep, fedsb.analysis.plots; "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -491,15 +492,15 @@ def test_dry_run_lists_cells_and_runs_nothing(tmp_path, capsys):
 
 
 def test_completed_is_the_launch_status():
-    from fedsb.comm import METER_COMPONENTS
-    from fedsb.launch import COMPLETED as LAUNCH_COMPLETED
+    from fedsb.experiment.comm import METER_COMPONENTS
+    from fedsb.ops.launch import COMPLETED as LAUNCH_COMPLETED
 
     assert COMPLETED == LAUNCH_COMPLETED
     assert sweep.COMPONENTS == METER_COMPONENTS
 
 
 def test_every_shipped_sweep_starts_with_its_command_and_every_cell_validates():
-    from fedsb.config import load_config
+    from fedsb.experiment.config import load_config
 
     root = Path(__file__).resolve().parents[1]
     sizes = {}
@@ -543,7 +544,7 @@ def test_numbers_in_sweep_files_read_as_numbers(tmp_path):
 def test_a_tiny_real_sweep_writes_every_row_and_figure_and_reruns_nothing(tmp_path):
     """2 x 2 cells of the tiny config, 1 round; fedsb with DP is refused at config validation (the
     pooled init sees all clients' data), so 3 real Flower runs."""
-    from fedsb.plots import plot_dir
+    from fedsb.analysis.plots import plot_dir
 
     out = tmp_path / "sweep"
     path = write_sweep(tmp_path / "tiny-sweep.yaml", {

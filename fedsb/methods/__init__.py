@@ -2,7 +2,7 @@
 
 from torch import nn
 
-from fedsb.adapters import target_specs
+from fedsb.core.adapters import target_specs
 from fedsb.methods.base import FederatedMethod, InvalidUpdate, normalize_weights
 from fedsb.methods.fedex import FedExLoRA
 from fedsb.methods.fedit import FedIT

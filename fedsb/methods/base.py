@@ -1,6 +1,6 @@
 """The interface every federated method implements (DESIGN.md section 2).
 
-A method answers four questions on plain dicts of tensors (see `fedsb.adapters.State`):
+A method answers four questions on plain dicts of tensors (see `fedsb.core.adapters.State`):
 1. adapter: which adapter a client holds (`adapter_kind`, `residual`) and what it trains
    (`trainable`; the task head is always trained);
 2. upload: which tensors a client sends after local training (`upload`);
@@ -18,7 +18,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from fedsb.adapters import (
+from fedsb.core.adapters import (
     COMPONENTS,
     HEAD,
     ModuleSpec,
@@ -29,7 +29,7 @@ from fedsb.adapters import (
     inject_adapters,
     key,
 )
-from fedsb.init import lora_init
+from fedsb.core.init import lora_init
 
 
 class InvalidUpdate(ValueError):

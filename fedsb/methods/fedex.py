@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from fedsb.adapters import State, key
+from fedsb.core.adapters import State, key
 from fedsb.methods.base import FederatedMethod, normalize_weights, weighted_mean
 
 

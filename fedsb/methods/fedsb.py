@@ -1,6 +1,6 @@
 """Fed-SB: LoRA-SB adapters W0 + s B R A; clients train only the r x r matrix R.
 
-B and A come from the LoRA-SB init (`fedsb.init.lora_sb_init`), are frozen, and reach each
+B and A come from the LoRA-SB init (`fedsb.core.init.lora_sb_init`), are frozen, and reach each
 client once (component `init` on the meter). Averaging R is exact, because the map
 R -> B R A is linear: B (sum_i w_i R_i) A = sum_i w_i B R_i A. Upload per round: r^2 per module.
 """
@@ -9,8 +9,8 @@ from collections.abc import Mapping
 
 import torch
 
-from fedsb.adapters import State
-from fedsb.init import lora_sb_init
+from fedsb.core.adapters import State
+from fedsb.core.init import lora_sb_init
 from fedsb.methods.base import FederatedMethod
 
 
@@ -24,7 +24,7 @@ class FedSB(FederatedMethod):
                               gradients: Mapping[str, torch.Tensor] | None = None,
                               lr_eff: float | None = None) -> State:
         if gradients is None:
-            raise ValueError("Fed-SB needs the init gradients (see fedsb.init.accumulate_gradients)")
+            raise ValueError("Fed-SB needs the init gradients (see fedsb.core.init.accumulate_gradients)")
         if lr_eff is None:
             raise ValueError("Fed-SB needs lr_eff, the first-update estimate's learning rate "
                              "(the config's init_lr: train.lr / a client's steps in the run)")

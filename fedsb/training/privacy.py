@@ -43,10 +43,10 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from fedsb.adapters import AdapterLayer, set_trainable
-from fedsb.config import ExperimentConfig, PrivacyConfig
+from fedsb.core.adapters import AdapterLayer, set_trainable
+from fedsb.experiment.config import ExperimentConfig, PrivacyConfig
 from fedsb.methods.base import FederatedMethod
-from fedsb.train import TrainResult, make_optimizer
+from fedsb.training.local import TrainResult, make_optimizer
 
 # Opacus calls logging.basicConfig() when imported; that root handler would print every line of the
 # host application's log a second time (Flower's logger propagates to the root logger).
@@ -591,7 +591,7 @@ def privatize_init_gradient(
     every coordinate. Under add/remove-one adjacency the sum has L2 sensitivity max_grad_norm,
     so this is one Poisson-subsampled Gaussian mechanism (init_noise_multiplier, q0): exactly
     what `PrivacyLedger.record_init` charges (and what `calibrate_noise` planned for). Like
-    `fedsb.init.accumulate_gradients`, the model runs without dropout; adapters are as loaded.
+    `fedsb.core.init.accumulate_gradients`, the model runs without dropout; adapters are as loaded.
     """
     sigma, q0 = ledger.init_noise_multiplier, ledger.init_sample_rate
     if sigma is None or q0 is None:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from fedsb.models import find_head_modules, weight_shape
+from fedsb.core.models import find_head_modules, weight_shape
 
 State = dict[str, torch.Tensor]
 
@@ -89,7 +89,7 @@ class AdapterLayer(nn.Module):
         self.lora_B = nn.Linear(rank, out_features, **factory)
         for layer in (self.lora_A, self.lora_R, self.lora_B):
             if layer is not None:
-                nn.init.zeros_(layer.weight)  # real values come from a state (see fedsb.init)
+                nn.init.zeros_(layer.weight)  # real values come from a state (see fedsb.core.init)
         if residual:
             self.register_buffer("residual", torch.zeros(base.weight.shape, dtype=dtype, device=device))
         else:

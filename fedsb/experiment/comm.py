@@ -22,7 +22,6 @@ Typical use, one client, comparing with a meter::
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,9 +32,8 @@ import torch
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
-from fedsb.adapters import COMPONENTS, HEAD, State, component_of, extract_state, target_specs
-from fedsb.methods import METHODS, FederatedMethod, get_method
-from fedsb.models import (
+from fedsb.core.adapters import COMPONENTS, HEAD, State, component_of, extract_state, target_specs
+from fedsb.core.models import (
     DEFAULT_MODEL,
     MODEL_CONFIG_DIR,
     TASKS,
@@ -46,9 +44,9 @@ from fedsb.models import (
     resolve_model_source,
     tiny_config,
 )
+from fedsb.experiment.meter import DIRECTIONS, INIT, check_direction
+from fedsb.methods import METHODS, FederatedMethod, get_method
 
-DIRECTIONS = ("up", "down")
-INIT = "init"
 METER_COMPONENTS = (*COMPONENTS, HEAD, INIT)  # the order tables print them in
 
 Shape = tuple[int, ...]
@@ -72,7 +70,7 @@ class CommCounts:
 
     def components(self, direction: str, *, first_time: bool = False) -> dict[str, int]:
         """Parameters per component for one client in one round (`first_time` adds `init`)."""
-        _check_direction(direction)
+        check_direction(direction)
         counts = dict(self.per_round.get(direction, {}))
         if first_time:
             for component, n in self.one_time.get(direction, {}).items():
@@ -95,7 +93,7 @@ class CommCounts:
 
     def init_params(self, direction: str = "down") -> int:
         """One-time (`init`) parameters one client exchanges, the first time it is sampled."""
-        _check_direction(direction)
+        check_direction(direction)
         return sum(self.one_time.get(direction, {}).values())
 
     def init_bytes(self, direction: str = "down") -> int:
@@ -130,11 +128,6 @@ class CommCounts:
                 "first_round_bytes": self.bytes(d, first_time=True),
             }
         return out
-
-
-def _check_direction(direction: str) -> None:
-    if direction not in DIRECTIONS:
-        raise ValueError(f"unknown direction {direction!r}; accepted: {', '.join(DIRECTIONS)}")
 
 
 def global_state_shapes(method: FederatedMethod, head: int | Mapping[str, Sequence[int]] = 0
@@ -189,7 +182,7 @@ def closed_form(
     first = method.download(state, first_time=True)
     once_down = sum(t.numel() for k, t in first.items() if k not in every_round)
     once_up = 0
-    # Only LoRA-SB adapters are initialised from a gradient (fedsb.init.lora_sb_init).
+    # Only LoRA-SB adapters are initialised from a gradient (fedsb.core.init.lora_sb_init).
     if init_gradients and method.adapter_kind == "lora_sb":
         once_up = sum(spec.out_features * spec.in_features for spec in method.specs.values())
     return CommCounts(
@@ -261,7 +254,7 @@ def default_task(name: str) -> str:
 
 
 def shipped_configs() -> list[str]:
-    """Short names of the architecture configs in fedsb/model_configs."""
+    """Short names of the architecture configs in fedsb/core/model_configs."""
     return sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json"))
 
 
@@ -334,77 +327,3 @@ def human_bytes(n: float) -> str:
 def _sig4(x: float) -> str:
     digits = max(0, 3 - int(math.floor(math.log10(abs(x))))) if x else 0
     return f"{x:.{digits}f}"
-
-
-# --- the communication meter: what the Flower messages really carried ---------------------------
-
-PHASES = ("init", "train", "evaluate")  # what a message was for (closed forms describe `train` and init)
-CSV_FIELDS = ("round", "client", "phase", "direction", "component", "params", "bytes", "wire_bytes")
-
-
-@dataclass(frozen=True)
-class MeterEntry:
-    """One component of one message: `bytes` = elements x itemsize (the payload, what the closed
-    form counts); `wire_bytes` = the serialised array record entries (.npy bytes + key)."""
-
-    round: int
-    client: int  # partition id
-    phase: str
-    direction: str
-    component: str
-    params: int
-    bytes: int
-    wire_bytes: int
-
-
-class Meter:
-    """Records the size of every array sent down and up, per round, client, phase and component.
-
-    The Flower apps call `record` with the sizes of each message's arrays; `fedsb` never sees
-    the messages themselves. Everything else here is arithmetic over the recorded entries.
-    """
-
-    def __init__(self) -> None:
-        self.entries: list[MeterEntry] = []
-
-    def record(self, round: int, client: int, phase: str, direction: str, component: str,
-               params: int, nbytes: int, wire_bytes: int) -> None:
-        if phase not in PHASES:
-            raise ValueError(f"unknown phase {phase!r}; accepted: {', '.join(PHASES)}")
-        _check_direction(direction)
-        self.entries.append(
-            MeterEntry(round, client, phase, direction, component, params, nbytes, wire_bytes))
-
-    def select(self, **where: Any) -> list[MeterEntry]:
-        """Entries whose fields equal the given values, e.g. select(round=2, direction="up")."""
-        return [e for e in self.entries if all(getattr(e, k) == v for k, v in where.items())]
-
-    def total(self, field_name: str = "bytes", **where: Any) -> int:
-        return sum(getattr(e, field_name) for e in self.select(**where))
-
-    def by_component(self, field_name: str = "bytes", **where: Any) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for e in self.select(**where):
-            out[e.component] = out.get(e.component, 0) + getattr(e, field_name)
-        return out
-
-    def client_components(self, round: int, client: int, direction: str, phase: str = "train"
-                          ) -> dict[str, int]:
-        """Payload bytes per component of one client's message in one round (what the closed
-        form's `component_bytes(direction, first_time=...)` predicts)."""
-        return self.by_component(round=round, client=client, direction=direction, phase=phase)
-
-    def rows(self, round: int | None = None) -> list[dict[str, Any]]:
-        entries = self.entries if round is None else self.select(round=round)
-        return [dataclasses.asdict(e) for e in entries]
-
-    def summary(self) -> dict[str, Any]:
-        """Totals by direction (payload and wire bytes, parameters) and by component."""
-        out: dict[str, Any] = {}
-        for d in DIRECTIONS:
-            out[d] = {"bytes": self.total("bytes", direction=d),
-                      "wire_bytes": self.total("wire_bytes", direction=d),
-                      "params": self.total("params", direction=d),
-                      "bytes_by_component": self.by_component("bytes", direction=d),
-                      "params_by_component": self.by_component("params", direction=d)}
-        return out

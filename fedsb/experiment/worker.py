@@ -10,81 +10,29 @@ from __future__ import annotations
 
 import json
 import logging
-import random
-from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING
 
 import torch
 from datasets import Dataset
 
-from fedsb.adapters import COMPONENTS, HEAD, State, extract_state, load_state
-from fedsb.config import ExperimentConfig
-from fedsb.data import (
+from fedsb.core.adapters import COMPONENTS, HEAD, State, extract_state, load_state
+from fedsb.core.init import accumulate_gradients
+from fedsb.core.models import find_target_modules, load_model, load_tokenizer, resolve_device, resolve_dtype
+from fedsb.data.sources import (
     iterate_batches,
-    load_file,
-    load_task,
-    partition_dataset,
-    partition_stats,
-    split_train_test,
-    subsample,
     tokenize,
 )
-from fedsb.init import accumulate_gradients
+from fedsb.experiment.cohort import hash_seed
+from fedsb.experiment.config import ExperimentConfig
+from fedsb.experiment.task import load_task_data
 from fedsb.methods import FederatedMethod, build_method
-from fedsb.models import find_target_modules, load_model, load_tokenizer, resolve_device, resolve_dtype
-from fedsb.train import TrainResult, evaluate, to_device, train_local
+from fedsb.training.local import TrainResult, evaluate, to_device, train_local
 
 if TYPE_CHECKING:
-    from fedsb.privacy import PrivacyLedger
+    from fedsb.training.privacy import PrivacyLedger
 
 logger = logging.getLogger(__name__)
-
-# The server-held split used for the LoRA-SB init (init.source = server) is carved out of the
-# training pool before partitioning: clients never see it.
-SERVER_SPLIT_FRACTION = 0.05
-
-
-@dataclass
-class TaskData:
-    train: Dataset  # the clients' pool (partitioned)
-    test: Dataset  # the server's test set: evaluated only at the points a run reports
-    validation: Dataset  # the server's validation set: evaluated every round, the basis of every choice
-    server: Dataset  # the server-held (public) split for the LoRA-SB init
-    partitions: list[Dataset]
-    label_names: list[str]
-
-    def stats(self) -> list[list[int]]:
-        return partition_stats(self.partitions, len(self.label_names))
-
-
-def load_task_data(config: ExperimentConfig) -> TaskData:
-    """Load, split and partition the experiment's data, deterministically from the seed."""
-    d, p = config.data, config.partition
-    train, test, names = load_task(
-        d.source, text_column=d.text_column, label_column=d.label_column, test_file=d.test_file,
-        num_examples=d.num_examples or None, num_test=d.max_test_examples or None,
-        test_fraction=d.test_fraction, num_classes=d.num_classes, seed=config.seed,
-    )
-    if d.val_file is not None:
-        validation, _ = load_file(d.val_file, text_column=d.text_column, label_column=d.label_column,
-                                  label_names=names)
-    else:  # held out of the training pool before anything else: no client ever sees it
-        train, validation = split_train_test(train, d.val_fraction, config.seed)
-    validation = subsample(validation, d.max_val_examples or None, config.seed).flatten_indices()
-    n_server = max(config.method.init.num_samples, int(SERVER_SPLIT_FRACTION * len(train)))
-    parts = train.train_test_split(test_size=n_server, seed=config.seed)
-    pool, server = parts["train"].flatten_indices(), parts["test"].flatten_indices()
-    partitions = partition_dataset(pool, config.federation.num_clients, p.scheme, alpha=p.alpha,
-                                   classes_per_client=p.classes_per_client, seed=config.seed)
-    return TaskData(pool, test, validation, server, partitions, names)
-
-
-def sample_clients(client_ids: list[int], count: int, seed: int, server_round: int) -> list[int]:
-    """A reproducible cohort: depends only on the ids, the seed and the round."""
-    rng = random.Random(f"fedsb-cohort-{seed}-{server_round}")
-    return sorted(rng.sample(sorted(client_ids), min(count, len(client_ids))))
-
 
 class Worker:
     """One base model with adapters, one tokenizer, one copy of the data: per process."""
@@ -141,7 +89,7 @@ class Worker:
         seed = hash_seed(self.config.seed, server_round, partition_id)
         torch.manual_seed(seed)  # dropout: reproducible per (seed, round, client)
         if ledger is not None:
-            from fedsb.privacy import train_local_private
+            from fedsb.training.privacy import train_local_private
 
             on_device = to_device(data, self.device)  # Opacus samples on the device
             result = train_local_private(self.model, self.method, on_device, t.local_steps, t.lr, ledger,
@@ -165,12 +113,12 @@ class Worker:
     def client_gradients(self, partition_id: int, ledger: PrivacyLedger | None = None
                          ) -> tuple[dict[str, torch.Tensor], int]:
         """A client's summed init gradient over up to init.num_samples of its examples, taken at the
-        base model; with a privacy ledger, clipped, noised and charged (fedsb.privacy)."""
+        base model; with a privacy ledger, clipped, noised and charged (fedsb.training.privacy)."""
         self.reset_to_base()
         data = self.client_tokens(partition_id)
         n = min(self.config.method.init.num_samples, len(data["labels"]))
         if ledger is not None:
-            from fedsb.privacy import privatize_init_gradient
+            from fedsb.training.privacy import privatize_init_gradient
 
             seed = hash_seed(self.config.seed, 0, partition_id)
             on_device = to_device(data, self.device)
@@ -233,14 +181,6 @@ def quiet_libraries() -> None:
     transformers_logging.set_verbosity_error()
 
 
-def hash_seed(*parts: int) -> int:
-    """A stable 31-bit seed from integers (Python's hash() of str is salted per process)."""
-    value = 0
-    for part in parts:
-        value = (value * 1_000_003 + int(part)) % (2**31 - 1)
-    return value
-
-
 _WORKERS: dict[str, Worker] = {}
 
 
@@ -251,39 +191,3 @@ def get_worker(config: ExperimentConfig) -> Worker:
         _WORKERS.clear()  # one base model per process
         _WORKERS[cache_key] = Worker(config)
     return _WORKERS[cache_key]
-
-
-def run_in_process(config: ExperimentConfig, log=print) -> list[dict]:
-    """The federated loop in one process, without Flower: a quick look at the core.
-
-    Same Worker, sampling, aggregation and evaluation as the Flower app; bytes are the
-    closed-form counts of `fedsb.comm` (the Flower app measures real messages instead).
-    """
-    from fedsb.comm import closed_form, head_shapes
-
-    worker = get_worker(config)
-    method = worker.method
-    counts = closed_form(method, head=head_shapes(worker.model))
-    state = worker.initial_state()
-    seen: set[int] = set()
-    rows = []
-    for server_round in range(1, config.federation.rounds + 1):
-        cohort = sample_clients(list(range(config.federation.num_clients)), config.clients_per_round(),
-                                config.seed, server_round)
-        uploads, weights = [], []
-        for client in cohort:
-            upload, _ = worker.train_client(client, state, server_round)
-            uploads.append(upload)
-            weights.append(worker.aggregation_weight(client))
-        state = method.aggregate(state, uploads, weights)
-        first_timers = len(set(cohort) - seen)
-        seen.update(cohort)
-        metrics = worker.evaluate_global(state)
-        row = {"round": server_round, "val_accuracy": metrics["accuracy"], "val_loss": metrics["loss"],
-               "bytes_up": counts.bytes("up") * len(cohort),
-               "bytes_down": counts.bytes("down") * len(cohort) + counts.init_bytes("down") * first_timers}
-        rows.append(row)
-        log(f"[{method.name}] round {server_round}: val accuracy {row['val_accuracy']:.3f} "
-            f"val loss {row['val_loss']:.3f} "
-            f"| up {row['bytes_up']:,} B, down {row['bytes_down']:,} B")
-    return rows

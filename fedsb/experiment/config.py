@@ -6,6 +6,7 @@ Every error is a ConfigError whose message is one line naming the key and what i
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import types
 import typing
@@ -133,14 +134,14 @@ class EvalConfig:
     client_eval: bool = False  # also evaluate the global adapter on each client's own data
 
 
-# --- privacy (fedsb.privacy) ----------------------------------------------------------------
+# --- privacy (fedsb.training.privacy) ----------------------------------------------------------------
 
 @dataclass
 class PrivacyConfig:
     """Sample-level (epsilon, delta)-DP for each client w.r.t. its own data, by DP-SGD (Opacus).
 
     delta None means, per client with n local examples, min(1e-5, 1 / (10 n)): always strictly
-    below 1/n (see `fedsb.privacy.resolve_delta`). The noise multiplier is calibrated once per
+    below 1/n (see `fedsb.training.privacy.resolve_delta`). The noise multiplier is calibrated once per
     client for the whole run; `init_noise_multiplier` is the Gaussian noise of the privatised
     Fed-SB init gradient (method.init.source = clients), charged to each client's ledger.
     """
@@ -392,7 +393,7 @@ def validate(c: ExperimentConfig) -> None:
         value = getattr(c.data, name)
         if value is not None:
             _require(Path(value).expanduser().is_file(), f"data.{name}", value, "an existing file or null")
-    # privacy (fedsb.privacy) --------------------------------------------------------------
+    # privacy (fedsb.training.privacy) --------------------------------------------------------------
     pv = c.privacy
     _require(pv.epsilon > 0, "privacy.epsilon", pv.epsilon, "a positive number")
     _require(pv.delta is None or 0 < pv.delta < 1, "privacy.delta", pv.delta, "a number in (0, 1) or null")
@@ -426,6 +427,11 @@ _UNSET = ("", 0, -1, None)
 def parse_override_list(text: str) -> dict[str, Any]:
     """'a.b=1; c=x' (the run config's `overrides` string) -> {'a.b': 1, 'c': 'x'}."""
     return dict(parse_override(item) for item in text.split(";") if item.strip())
+
+
+def format_override_list(overrides: typing.Mapping[str, Any]) -> str:
+    """{'a.b': 1, 'c': 'x'} -> 'a.b=1; c="x"': a run config's `overrides` (parse_override_list's inverse)."""
+    return "; ".join(f"{k}={json.dumps(v)}" for k, v in overrides.items())
 
 
 def from_run_config(run_config: typing.Mapping[str, Any], app_dir: str | Path) -> ExperimentConfig:

@@ -1,7 +1,7 @@
 """Base models: the packaged default, local directories, Hugging Face ids, tiny test models.
 
 A base model is loaded once per worker process and never modified: adapters wrap its
-target modules (see `fedsb.adapters`) and only the adapter tensors differ between clients.
+target modules (see `fedsb.core.adapters`) and only the adapter tensors differ between clients.
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, RecordDict
 
-from fedsb.adapters import State, component_of
-from fedsb.comm import INIT, Meter
+from fedsb.core.adapters import State, component_of
+from fedsb.experiment.meter import INIT, Meter
 
 ADAPTER_RECORD = "arrays"  # the per-round tensors of a message
 INIT_RECORD = "init"  # one-time tensors: LoRA-SB's B and A down, a client's init gradient up

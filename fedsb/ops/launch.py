@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedsb.config import ExperimentConfig, load_config
-from fedsb.results import new_run_dir, write_config
+from fedsb.experiment.config import ExperimentConfig, load_config
+from fedsb.experiment.rundir import run_dir_for, write_config
 
 CONNECTION = "fedsb-local"  # the SuperLink connection name in the private FLWR_HOME
 FINISHED = "finished:"
@@ -57,7 +57,7 @@ class RunOutcome:
 
 def project_dir() -> Path:
     """The Flower app directory: the fedsb project root (where pyproject.toml has [tool.flwr.app])."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     if not (root / "pyproject.toml").is_file():
         raise FileNotFoundError(f"{root} has no pyproject.toml: install fedsb from a clone with "
                                 "`pip install -e .`, or pass --app DIR")
@@ -193,7 +193,7 @@ def run_simulation(config_path: str | Path | None, overrides: Mapping[str, Any] 
     if config.data.test_file:
         config.data.test_file = str(Path(config.data.test_file).expanduser().resolve())
     app_dir = (app_dir or project_dir()).resolve()
-    run_dir = new_run_dir(config.output_dir, f"{config.method.name}-r{config.method.rank}-s{config.seed}")
+    run_dir = run_dir_for(config)
     write_config(run_dir, config.to_dict())
     log_file = run_dir / "flower.log"
     echo(f"fedsb run: {config.method.name}, rank {config.method.rank}, {config.federation.num_clients} "

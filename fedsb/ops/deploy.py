@@ -45,8 +45,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedsb.config import parse_override
-from fedsb.launch import json_from, project_dir, signal_group
+from fedsb.experiment.config import parse_override
+from fedsb.ops.launch import json_from, project_dir, signal_group
 
 PORT_RANGE = (41000, 41999)
 CONNECTION = "fedsb-deploy"
@@ -790,11 +790,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# `python -m fedsb.deploy`: credentials for docker-compose / separate hosts, key registration
+# `python -m fedsb.ops.deploy`: credentials for docker-compose / separate hosts, key registration
 # ---------------------------------------------------------------------------------------------
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fedsb.deploy", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m fedsb.ops.deploy", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     local = sub.add_parser("local", help="the same as `fedsb deploy-local`")
     add_arguments(local)

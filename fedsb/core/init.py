@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from fedsb.adapters import AdapterLayer, ModuleSpec, State, key
+from fedsb.core.adapters import AdapterLayer, ModuleSpec, State, key
 
 # Above this size (min(m, n)) the truncated SVD is computed by a randomized range finder.
 RANDOMIZED_SVD_MIN_DIM = 1024

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fedsb.adapters import set_trainable
+from fedsb.core.adapters import set_trainable
 from fedsb.methods.base import FederatedMethod
 
 Batch = Mapping[str, torch.Tensor]

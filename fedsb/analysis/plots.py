@@ -27,7 +27,7 @@ span the minimum to the maximum. Colours are the Okabe-Ito palette (distinguisha
 common colour-vision deficiencies), and every method also has its own marker shape.
 
 A tuned sweep (the sweep file's `tune`, recorded in <sweep dir>/sweep.json) is reported per group
-at the value chosen on validation (fedsb.sweep.tune_results, as in tuned.csv): report.md starts
+at the value chosen on validation (fedsb.analysis.sweep.tune_results, as in tuned.csv): report.md starts
 with that table and the values tried per group; comm_vs_accuracy has one marker per group at
 (mean bytes, mean test accuracy) with error bars of ± one sample standard deviation over seeds,
 the frontier over the federated groups and each centralised reference as a horizontal line; the
@@ -55,7 +55,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import EngFormatter, NullFormatter, ScalarFormatter
 
-from fedsb.sweep import (
+from fedsb.analysis.sweep import (
     COMPLETED,
     COMPONENTS,
     LABELLED_KEYS,

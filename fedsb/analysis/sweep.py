@@ -15,7 +15,7 @@ A sweep file (its first line is a comment with the command that runs it):
         - {privacy.enabled: true, privacy.epsilon: 1}   # is free text
         - {privacy.enabled: true, privacy.epsilon: 3}
 
-Every cell is one real run through `fedsb.launch.run_simulation` (the path of `fedsb run`), with
+Every cell is one real run through `fedsb.ops.launch.run_simulation` (the path of `fedsb run`), with
 its runs under <sweep dir>/runs. As soon as a cell ends, one row is appended to
 <sweep dir>/sweep.csv: the grid values, status and error, accuracy, bytes (total and by
 component), privacy spent, wall time and the run directory. Running the sweep again skips the
@@ -70,14 +70,14 @@ from typing import Any, Protocol
 
 import yaml
 
-from fedsb.config import ConfigError, ExperimentConfig, load_config, load_yaml
+from fedsb.experiment.config import ConfigError, ExperimentConfig, load_config, load_yaml
 
-COMPLETED = "finished:completed"  # fedsb.launch.COMPLETED (not imported here: launch loads torch)
+COMPLETED = "finished:completed"  # fedsb.ops.launch.COMPLETED (not imported here: launch loads torch)
 INVALID_CONFIG = "invalid config"  # the cell's config did not validate: nothing was started
 ERROR = "error"  # run_simulation raised (e.g. the SuperLink did not start)
 TOP_LEVEL_KEYS = ("base", "output_dir", "set", "grid", "tune")
 RESERVED_KEYS = ("output_dir",)  # the sweep sets each cell's output_dir itself
-# Same order as fedsb.comm.METER_COMPONENTS (importing fedsb.comm would load torch).
+# Same order as fedsb.experiment.comm.METER_COMPONENTS (importing fedsb.experiment.comm would load torch).
 COMPONENTS = ("lora_A", "lora_B", "lora_R", "residual", "head", "init")
 DIRECTIONS = ("up", "down")
 RESULT_FIELDS = (
@@ -680,7 +680,7 @@ def mean_std_text(stat: Stat, digits: int = 3) -> str:
 
 
 def human_bytes(n: float | None) -> str:
-    """Decimal units, as fedsb.comm.human_bytes (not imported here: it loads torch)."""
+    """Decimal units, as fedsb.experiment.comm.human_bytes (not imported here: it loads torch)."""
     if n is None or math.isnan(n):
         return "–"
     for factor, unit in ((1e12, "TB"), (1e9, "GB"), (1e6, "MB"), (1e3, "kB")):
@@ -768,7 +768,7 @@ def run_sweep(path: str | Path, *, runner: Runner | None = None, stream: bool = 
     spec = load_sweep(path)
     _check_pin(spec)
     if runner is None:
-        from fedsb.launch import run_simulation as runner  # loads torch: only when cells run
+        from fedsb.ops.launch import run_simulation as runner  # loads torch: only when cells run
     csv_path = spec.output_dir / "sweep.csv"
     latest = latest_rows(read_rows(csv_path)[1])
     cells = spec.cells()
@@ -874,7 +874,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="list the cells and their status in sweep.csv; run nothing")
     parser.add_argument("--stream", action="store_true",
                         help="stream each run's Flower log (always kept in <run dir>/flower.log)")
-    from fedsb.launch import add_launch_arguments
+    from fedsb.ops.launch import add_launch_arguments
 
     add_launch_arguments(parser)
 

@@ -1,0 +1,1 @@
+"""Sweeps, plots and reports over run directories; importable without torch."""

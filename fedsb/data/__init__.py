@@ -1,0 +1,1 @@
+"""The data layer: sources (files, the hub), the generated task, partitioning, tokenisation."""

@@ -1,0 +1,77 @@
+"""The final global adapter in PEFT LoRA format (`run_dir/adapter`), loadable by `PeftModel`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fedsb.core.adapters import HEAD, State, component_of, key
+from fedsb.core.models import find_head_modules
+from fedsb.methods.base import FederatedMethod
+
+
+def peft_lora_tensors(method: FederatedMethod, state: State) -> dict[str, dict[str, torch.Tensor]]:
+    """Per module, the (lora_A, lora_B) pair that PEFT's LoRA holds for this state.
+
+    LoRA methods export A and B as they are. Fed-SB exports lora_B = B R and lora_A = A with the
+    same scale, so PEFT's s * lora_B lora_A equals s * B R A. FedEx-LoRA's dense residual is not
+    low-rank and is exported separately (see `export_adapter`).
+    """
+    pairs = {}
+    for name in method.specs:
+        b = state[key(name, "lora_B")]
+        if method.adapter_kind == "lora_sb":
+            b = b @ state[key(name, "lora_R")]
+        pairs[name] = {"lora_A": state[key(name, "lora_A")], "lora_B": b}
+    return pairs
+
+
+@torch.no_grad()
+def export_adapter(run_dir: Path, base_model: nn.Module, method: FederatedMethod, state: State,
+                   task: str) -> Path:
+    """Write the global adapter in PEFT LoRA format to run_dir/adapter (loadable by PeftModel).
+
+    `base_model` must be a freshly loaded base model without fedsb adapters; it is modified.
+    For FedEx-LoRA, whose residual is not low-rank, the exact model (base + residual + BA,
+    merged) is also saved to run_dir/merged with save_pretrained.
+    """
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    heads = find_head_modules(base_model)
+    conv1d = any(spec.conv1d for spec in method.specs.values())
+    config = LoraConfig(
+        r=method.rank, lora_alpha=method.alpha, target_modules=list(method.specs),
+        modules_to_save=heads or None, fan_in_fan_out=conv1d, init_lora_weights=False,
+        task_type=TaskType.SEQ_CLS if task == "classification" else TaskType.CAUSAL_LM,
+    )
+    peft_model = get_peft_model(base_model, config)
+    params = dict(peft_model.named_parameters())
+    for name, pair in peft_lora_tensors(method, state).items():
+        for part, value in pair.items():
+            params[f"base_model.model.{name}.{part}.default.weight"].copy_(value)
+    for k, value in state.items():
+        if component_of(k) == HEAD:
+            head, _, pname = k.rpartition(".")
+            params[f"base_model.model.{head}.modules_to_save.default.{pname}"].copy_(value)
+    out = run_dir / "adapter"
+    peft_model.save_pretrained(out)
+    (out / "FEDSB_README.md").write_text(_export_note(method))
+    if method.residual:
+        merged = peft_model.merge_and_unload()
+        for name in method.specs:
+            merged.get_submodule(name).weight += state[key(name, "residual")]
+        merged.save_pretrained(run_dir / "merged")
+    return out
+
+
+def _export_note(method: FederatedMethod) -> str:
+    note = (f"# fedsb export: method {method.name}, rank {method.rank}, alpha {method.alpha}\n\n"
+            "Load with `PeftModel.from_pretrained(base_model, this_dir)`.\n")
+    if method.adapter_kind == "lora_sb":
+        note += "Fed-SB's B R A is stored as PEFT lora_B = B R, lora_A = A (same scale): exact.\n"
+    if method.residual:
+        note += ("FedEx-LoRA's accumulated residual is dense (not low-rank), so this adapter alone is "
+                 "NOT the trained model: ../merged/ holds the exact merged model (save_pretrained).\n")
+    return note

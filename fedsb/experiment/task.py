@@ -1,0 +1,56 @@
+"""The experiment's data: loaded, split (train pool / validation / test / server) and partitioned."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from datasets import Dataset
+
+from fedsb.data.sources import (
+    load_file,
+    load_task,
+    partition_dataset,
+    partition_stats,
+    split_train_test,
+    subsample,
+)
+from fedsb.experiment.config import ExperimentConfig
+
+# The server-held split used for the LoRA-SB init (init.source = server) is carved out of the
+# training pool before partitioning: clients never see it.
+SERVER_SPLIT_FRACTION = 0.05
+
+
+@dataclass
+class TaskData:
+    train: Dataset  # the clients' pool (partitioned)
+    test: Dataset  # the server's test set: evaluated only at the points a run reports
+    validation: Dataset  # the server's validation set: evaluated every round, the basis of every choice
+    server: Dataset  # the server-held (public) split for the LoRA-SB init
+    partitions: list[Dataset]
+    label_names: list[str]
+
+    def stats(self) -> list[list[int]]:
+        return partition_stats(self.partitions, len(self.label_names))
+
+
+def load_task_data(config: ExperimentConfig) -> TaskData:
+    """Load, split and partition the experiment's data, deterministically from the seed."""
+    d, p = config.data, config.partition
+    train, test, names = load_task(
+        d.source, text_column=d.text_column, label_column=d.label_column, test_file=d.test_file,
+        num_examples=d.num_examples or None, num_test=d.max_test_examples or None,
+        test_fraction=d.test_fraction, num_classes=d.num_classes, seed=config.seed,
+    )
+    if d.val_file is not None:
+        validation, _ = load_file(d.val_file, text_column=d.text_column, label_column=d.label_column,
+                                  label_names=names)
+    else:  # held out of the training pool before anything else: no client ever sees it
+        train, validation = split_train_test(train, d.val_fraction, config.seed)
+    validation = subsample(validation, d.max_val_examples or None, config.seed).flatten_indices()
+    n_server = max(config.method.init.num_samples, int(SERVER_SPLIT_FRACTION * len(train)))
+    parts = train.train_test_split(test_size=n_server, seed=config.seed)
+    pool, server = parts["train"].flatten_indices(), parts["test"].flatten_indices()
+    partitions = partition_dataset(pool, config.federation.num_clients, p.scheme, alpha=p.alpha,
+                                   classes_per_client=p.classes_per_client, seed=config.seed)
+    return TaskData(pool, test, validation, server, partitions, names)

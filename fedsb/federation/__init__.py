@@ -1,0 +1,1 @@
+"""What the Flower apps share: the message protocol, and the in-process grid of `fedsb demo`."""

@@ -1,0 +1,98 @@
+"""The real ServerApp and ClientApp in one process, over an in-process Grid: `fedsb demo` and the tests.
+
+Only the network is replaced. `InProcessGrid.send_and_receive` hands each message to the
+ClientApp (`clients.app.app`) with that node's own Context (its node_config and persistent
+state), as a SuperNode would, and a ClientApp exception becomes an error reply, as in Flower.
+Clients get deep copies of the messages, so nothing is shared by reference between server and
+client. So `fedsb demo` runs the same round loop as `flwr run` (`server.app.run_server`), with
+the same validation, metering, one-time tensors and DP; only the transport differs.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+import torch
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+if TYPE_CHECKING:
+    from server.strategy import FedsbStrategy
+
+Tamper = Callable[[int, Message], Message]  # (partition id, reply) -> reply: to forge bad updates in tests
+
+
+class InProcessGrid:
+    """A Flower Grid whose N nodes are ClientApp calls in this process (node ids random, as in Flower)."""
+
+    def __init__(self, num_nodes: int, run_config: Mapping[str, Any], seed: int = 0,
+                 tamper: Tamper | None = None, client_threads: int | None = None):
+        TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = 1
+        rng = random.Random(seed)
+        self.contexts = {
+            rng.randrange(1, 2**62): Context(
+                run_id=1, node_id=0, state=RecordDict(), run_config=dict(run_config),
+                node_config={"partition-id": i, "num-partitions": num_nodes})
+            for i in range(num_nodes)
+        }
+        self.tamper = tamper
+        # Flower's simulation gives each virtual client `client-resources-num-cpus` threads; the same
+        # count here gives the same floating-point reductions, hence the same numbers as `flwr run`.
+        self.client_threads = client_threads
+        self.sent: list[Message] = []
+        self.replies: list[Message] = []
+        self._next_id = 0
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.contexts)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        from clients.app import app as client_app
+
+        replies = []
+        for message in messages:
+            self._next_id += 1
+            message.metadata.__dict__["_message_id"] = f"m{self._next_id}"  # the SuperLink sets it
+            self.sent.append(message)
+            context = self.contexts[message.metadata.dst_node_id]
+            try:
+                with _threads(self.client_threads):
+                    reply = client_app(_copy(message), context)
+            except Exception as err:  # noqa: BLE001 - Flower turns any ClientApp exception into an error reply
+                reply = Message(Error(code=1, reason=f"{type(err).__name__}: {err}"), reply_to=message)
+            if self.tamper is not None:
+                reply = self.tamper(int(context.node_config["partition-id"]), reply)
+            self.replies.append(reply)
+            replies.append(reply)
+        return replies
+
+
+def run_in_process(run_config: Mapping[str, Any], num_nodes: int, *, tamper: Tamper | None = None,
+                   client_threads: int | None = None) -> tuple[InProcessGrid, FedsbStrategy]:
+    """One whole run of the ServerApp (`server.app.run_server`) over an in-process grid of num_nodes."""
+    from server.app import run_server
+
+    grid = InProcessGrid(num_nodes, run_config, tamper=tamper, client_threads=client_threads)
+    return grid, run_server(grid, dict(run_config))
+
+
+@contextmanager
+def _threads(count: int | None):
+    if count is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _copy(message: Message) -> Message:
+    """The message as a client receives it: a copy, sharing nothing with the server's."""
+    return Message(content=copy.deepcopy(message.content), metadata=copy.deepcopy(message.metadata))

@@ -1,0 +1,1 @@
+"""Local training: one client's optimiser steps (`local`) and their private version (`privacy`)."""
