@@ -25,10 +25,17 @@ from fedsb.experiment.config import ExperimentConfig, from_run_config
 from fedsb.experiment.worker import Worker, get_worker, quiet_libraries
 from fedsb.federation.protocol import (
     ADAPTER_RECORD,
+    CONFIG_RECORD,
+    INIT_GRADIENT_QUERY,
     INIT_RECORD,
     METRICS_RECORD,
+    NODE_RECORD,
     NUM_EXAMPLES,
+    NUM_PARTITIONS,
+    PARTITION_ID,
+    REFUSAL_RECORD,
     REFUSED,
+    SERVER_ROUND,
     to_record,
     to_state,
 )
@@ -60,10 +67,10 @@ def _config(run_config: tuple) -> ExperimentConfig:
 
 
 def _partition_id(context: Context) -> int:
-    if "partition-id" not in context.node_config:
+    if PARTITION_ID not in context.node_config:
         raise RuntimeError("this SuperNode has no partition-id: start it with "
                            "--node-config \"partition-id=I num-partitions=N\"")
-    return int(context.node_config["partition-id"])
+    return int(context.node_config[PARTITION_ID])
 
 
 def _local_state(message: Message, context: Context, worker: Worker) -> State:
@@ -82,9 +89,9 @@ def _local_state(message: Message, context: Context, worker: Worker) -> State:
 @app.query()
 def describe(message: Message, context: Context) -> Message:
     """Which partition this node holds (node ids are random per run; partition ids are not)."""
-    node = ConfigRecord({"partition-id": _partition_id(context),
-                         "num-partitions": int(context.node_config.get("num-partitions", 0))})
-    return Message(RecordDict({"node": node}), reply_to=message)
+    node = ConfigRecord({PARTITION_ID: _partition_id(context),
+                         NUM_PARTITIONS: int(context.node_config.get(NUM_PARTITIONS, 0))})
+    return Message(RecordDict({NODE_RECORD: node}), reply_to=message)
 
 
 @contextmanager
@@ -106,7 +113,7 @@ def _ledger(context: Context, worker: Worker) -> Iterator[PrivacyLedger | None]:
         context.state[LEDGER_STATE] = ConfigRecord({"json": ledger.to_json()})
 
 
-@app.query("init_gradient")
+@app.query(INIT_GRADIENT_QUERY)
 def init_gradient(message: Message, context: Context) -> Message:
     """LoRA-SB init from the clients: this client's summed gradient of every target weight."""
     worker = _worker(context)
@@ -120,13 +127,13 @@ def init_gradient(message: Message, context: Context) -> Message:
 @app.train()
 def train(message: Message, context: Context) -> Message:
     worker = _worker(context)
-    server_round = int(message.content["config"]["server-round"])
+    server_round = int(message.content[CONFIG_RECORD][SERVER_ROUND])
     state = _local_state(message, context, worker)
     with _ledger(context, worker) as ledger:
         if ledger is not None and (reason := ledger.check_budget(worker.config.train.local_steps)):
             # The hard budget: refuse, say why, send no update.
             return Message(RecordDict({METRICS_RECORD: MetricRecord({REFUSED: 1, **ledger.metrics()}),
-                                       "refusal": ConfigRecord({"reason": reason})}), reply_to=message)
+                                       REFUSAL_RECORD: ConfigRecord({"reason": reason})}), reply_to=message)
         upload, result = worker.train_client(_partition_id(context), state, server_round, ledger)
     # The aggregation weight: the client's number of training examples (FedAvg), or 1 (uniform).
     weight = worker.aggregation_weight(_partition_id(context))

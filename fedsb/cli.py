@@ -19,7 +19,7 @@ import fedsb.analysis.sweep as sweep
 import fedsb.experiment.comm as comm
 import fedsb.ops.deploy as deploy
 from fedsb.core.models import TASKS, TINY_MODELS, find_target_modules
-from fedsb.methods import METHODS
+from fedsb.methods import method_names
 from fedsb.ops.launch import add_launch_arguments
 
 DEFAULT_RANK = 8
@@ -44,7 +44,7 @@ def _comm_arguments(parser: argparse.ArgumentParser) -> None:
              f"({', '.join(TINY_MODELS)}); built on the meta device, no weights (default: %(default)s)")
     parser.add_argument(
         "--method", action="append", metavar="NAME",
-        help=f"repeatable; one of {', '.join(METHODS)}, or 'all' (default: all)")
+        help=f"repeatable; one of {', '.join(method_names())}, or 'all' (default: all)")
     parser.add_argument(
         "--rank", action="append", metavar="R|METHOD=R",
         help=f"adapter rank: an integer for every method, or METHOD=R for one (repeatable, e.g. "
@@ -72,9 +72,9 @@ def parse_methods(values: Sequence[str] | None) -> list[str]:
     for value in values or ["all"]:
         for name in value.split(","):
             name = name.strip()
-            for m in (list(METHODS) if name == "all" else [name]):
-                if m not in METHODS:
-                    raise ValueError(f"unknown method {m!r}; accepted: {', '.join(METHODS)}, all")
+            for m in (method_names() if name == "all" else [name]):
+                if m not in method_names():
+                    raise ValueError(f"unknown method {m!r}; accepted: {', '.join(method_names())}, all")
                 if m not in names:
                     names.append(m)
     return names
@@ -85,8 +85,9 @@ def parse_ranks(values: Sequence[str] | None, methods: Sequence[str]) -> dict[st
     default, specific = DEFAULT_RANK, {}
     for value in values or []:
         name, sep, number = value.rpartition("=")
-        if sep and name not in METHODS:
-            raise ValueError(f"--rank {value!r}: unknown method {name!r}; accepted: {', '.join(METHODS)}")
+        if sep and name not in method_names():
+            raise ValueError(f"--rank {value!r}: unknown method {name!r}; "
+                             f"accepted: {', '.join(method_names())}")
         try:
             rank = int(number)
         except ValueError:
@@ -215,7 +216,7 @@ DEMO_SETTINGS = {  # small enough to finish in a few minutes on 2 CPU cores
 
 
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--method", action="append", choices=[*METHODS, "all"],
+    parser.add_argument("--method", action="append", choices=[*method_names(), "all"],
                         help="method(s) to run (repeatable; default: all four)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="config override, e.g. --set federation.rounds=3 (repeatable)")
@@ -234,11 +235,11 @@ def _demo_run(args: argparse.Namespace) -> int:
     finals = {}
     for name in parse_methods(args.method):
         run_config = {"config": args.config, "method": name, "overrides": format_override_list(overrides)}
-        finals[name] = run_in_process(run_config).summary
+        finals[name] = run_in_process(run_config)[1].summary
     print("\nmethod  test accuracy  bytes up (all rounds)  bytes down (all rounds)  run directory")
     for name, s in finals.items():
-        print(f"{name:<6}  {s['test_accuracy']:>13.3f}  {s['communication']['up']['bytes']:>21,}  "
-              f"{s['communication']['down']['bytes']:>23,}  {s['run_dir']}")
+        print(f"{name:<6}  {s.test_accuracy:>13.3f}  {s.bytes_total('up'):>21,}  "
+              f"{s.bytes_total('down'):>23,}  {s.run_dir}")
     return 0
 
 

@@ -26,18 +26,16 @@ from fedsb.experiment.cohort import sample_clients
 from fedsb.experiment.meter import Meter
 from fedsb.federation.protocol import (
     ADAPTER_RECORD,
+    CONFIG_RECORD,
     INIT_RECORD,
     METRICS_RECORD,
     NUM_EXAMPLES,
-    REFUSED,
+    SERVER_ROUND,
     meter_message,
     to_record,
     to_state,
 )
-from fedsb.methods import FederatedMethod, InvalidUpdate
-
-LEDGER_KEYS = ("epsilon", "delta", "target_epsilon", "noise_multiplier", "max_grad_norm", "sample_rate",
-               "dp_steps")  # what a client reports of its privacy ledger
+from fedsb.methods.base import FederatedMethod, InvalidUpdate
 
 
 @dataclass
@@ -48,7 +46,7 @@ class RoundLog:
     accepted: list[int] = field(default_factory=list)
     rejected: dict[int, str] = field(default_factory=dict)  # partition id -> reason
     refused: dict[int, str] = field(default_factory=dict)  # partition id -> why (privacy budget)
-    epsilons: dict[int, float] = field(default_factory=dict)  # clients that trained: epsilon spent so far
+    epsilons: dict[int, float] = field(default_factory=dict)  # with DP: accepted clients' epsilon so far
     train_loss: float = math.nan
     client_eval: dict[str, float] = field(default_factory=dict)
 
@@ -58,7 +56,6 @@ class FedsbStrategy(FedAvg):
 
     def __init__(self, method: FederatedMethod, initial_state: State, nodes: dict[int, int], *,
                  clients_per_round: int, seed: int, meter: Meter, client_eval: bool = False,
-                 target_epsilon: float | None = None, ledgers: dict[int, dict[str, float]] | None = None,
                  uniform_weights: bool = False):
         super().__init__(fraction_train=clients_per_round / len(nodes),
                          fraction_evaluate=1.0 if client_eval else 0.0,
@@ -72,8 +69,6 @@ class FedsbStrategy(FedAvg):
         self.meter = meter
         self.client_eval = client_eval
         self.seen: set[int] = set()  # clients that hold the one-time tensors
-        self.target_epsilon = target_epsilon  # None: no differential privacy
-        self.ledgers = dict(ledgers or {})  # partition id -> its latest privacy metrics
         self.rounds: dict[int, RoundLog] = {}
         self.uniform_weights = uniform_weights  # a plain mean, whatever sizes the clients report
 
@@ -105,7 +100,7 @@ class FedsbStrategy(FedAvg):
         once = {k: v for k, v in download.items() if component_of(k) in self.method.one_time}
         every_round = {k: v for k, v in download.items() if k not in once}
         content = RecordDict({ADAPTER_RECORD: to_record(every_round),
-                              "config": ConfigRecord({"server-round": server_round})})
+                              CONFIG_RECORD: ConfigRecord({SERVER_ROUND: server_round})})
         if once:
             content[INIT_RECORD] = to_record(once)
         return content
@@ -116,18 +111,10 @@ class FedsbStrategy(FedAvg):
         by_client = {self.partition_of[m.metadata.src_node_id]: m for m in replies}
         uploads, weights, losses = [], [], []
         for pid in round_log.cohort:  # partition order: the aggregate does not depend on arrival order
+            if pid in round_log.refused or pid in round_log.rejected:
+                continue  # decided by a wrapper (the privacy budget), which metered the reply
             reply = by_client.get(pid)
-            if reply is not None and reply.has_content():
-                meter_message(self.meter, reply.content, round=server_round, client=pid, phase="train",
-                              direction="up")
-            if reply is not None and reply.has_content() and METRICS_RECORD in reply.content.metric_records:
-                metrics = reply.content[METRICS_RECORD]
-                self._note_ledger(pid, metrics)
-                if metrics.get(REFUSED) == 1:
-                    reason = str(reply.content["refusal"]["reason"]) if "refusal" in reply.content else ""
-                    round_log.refused[pid] = reason
-                    log(INFO, "round %d: client %d refused to train: %s", server_round, pid, reason)
-                    continue
+            self.meter_reply(server_round, pid, reply)
             try:
                 upload, num_examples, loss = self._parse_upload(reply)
             except InvalidUpdate as err:
@@ -136,8 +123,6 @@ class FedsbStrategy(FedAvg):
                 continue
             self.seen.add(pid)
             round_log.accepted.append(pid)
-            if pid in self.ledgers:
-                round_log.epsilons[pid] = self.ledgers[pid]["epsilon"]
             uploads.append(upload)
             weights.append(1 if self.uniform_weights else num_examples)
             losses.append(loss)
@@ -149,13 +134,11 @@ class FedsbStrategy(FedAvg):
         return to_record(self.global_state), MetricRecord(
             {"train-loss": round_log.train_loss, "clients": len(uploads)})
 
-    def _within_budget(self, epsilon: float | None) -> bool:
-        return epsilon is not None and epsilon <= self.target_epsilon * (1 + 1e-9)
-
-    def _note_ledger(self, pid: int, metrics: MetricRecord) -> None:
-        """Keep a client's latest privacy ledger; an overspend report is never recorded (it is rejected)."""
-        if self.target_epsilon is not None and self._within_budget(metrics.get("epsilon")):
-            self.ledgers[pid] = {k: float(metrics[k]) for k in LEDGER_KEYS if k in metrics}
+    def meter_reply(self, server_round: int, pid: int, reply: Message | None) -> None:
+        """Meter what a client's training reply carried (whatever becomes of it)."""
+        if reply is not None and reply.has_content():
+            meter_message(self.meter, reply.content, round=server_round, client=pid, phase="train",
+                          direction="up")
 
     def _parse_upload(self, reply: Message | None) -> tuple[State, int, float]:
         """A reply's upload, example count and loss, or InvalidUpdate saying what is wrong."""
@@ -170,9 +153,6 @@ class FedsbStrategy(FedAvg):
         num_examples = metrics.get(NUM_EXAMPLES)
         if not isinstance(num_examples, int) or num_examples <= 0:
             raise InvalidUpdate(f"{NUM_EXAMPLES} must be a positive integer, got {num_examples!r}")
-        epsilon = metrics.get("epsilon")
-        if self.target_epsilon is not None and not self._within_budget(epsilon):
-            raise InvalidUpdate(f"reports epsilon {epsilon}, above the target {self.target_epsilon}")
         upload = to_state(records[ADAPTER_RECORD])
         self.method.validate_upload(upload, self.global_state)
         return upload, num_examples, float(metrics.get("train-loss", math.nan))

@@ -15,9 +15,9 @@ from fedsb.cli import main as fedsb_main
 from fedsb.core.adapters import key
 from fedsb.experiment.comm import closed_form, head_shapes
 from fedsb.experiment.config import ConfigError, from_run_config
-from fedsb.experiment.rundir import read_metrics
+from fedsb.experiment.summary import read_metrics
 from fedsb.experiment.worker import get_worker
-from fedsb.federation.inprocess import InProcessGrid
+from fedsb.federation.inprocess import InProcessGrid, run_in_process
 from fedsb.federation.protocol import (
     ADAPTER_RECORD,
     INIT_RECORD,
@@ -30,14 +30,18 @@ from fedsb.methods import METHODS
 from server.app import APP_DIR, run_server
 
 TINY = "tests/configs/tiny.yaml"
+
+
+def metric_dicts(run_dir: Path) -> list[dict]:
+    """metrics.jsonl's rows as written (through the typed reader, which checks the schema)."""
+    return [row.to_dict() for row in read_metrics(run_dir)]
 NUM_CLIENTS = 4
 
 
 def simulate(run_dir: Path, overrides: str = "", tamper=None, num_nodes: int = NUM_CLIENTS, **run_config):
     rc = {"config": TINY, "run-dir": str(run_dir), "overrides": overrides, **run_config}
-    grid = InProcessGrid(num_nodes, rc, tamper=tamper)
-    strategy = run_server(grid, rc)
-    return grid, strategy
+    grid, run = run_in_process(rc, num_nodes, tamper=tamper)
+    return grid, run.strategy
 
 
 def partition(grid: InProcessGrid, node_id: int) -> int:
@@ -169,7 +173,7 @@ def test_meter_equals_closed_form_with_init_only_on_first_participation(tmp_path
 # --- reproducibility ------------------------------------------------------------------------------
 
 def _metric_rows(run_dir: Path) -> list[dict]:
-    return [{k: v for k, v in row.items() if k != "wall_s"} for row in read_metrics(run_dir)]
+    return [{k: v for k, v in row.items() if k != "wall_s"} for row in metric_dicts(run_dir)]
 
 
 def test_same_seed_same_metrics_and_another_seed_another_cohort(tmp_path):
@@ -212,7 +216,7 @@ def test_bad_updates_are_rejected_with_a_reason_and_never_aggregated(tmp_path):
     _, replies = train_traffic(grid, 1)
     for k, value in to_state(replies[0].content[ADAPTER_RECORD]).items():
         assert torch.equal(strategy.global_state[k], value)
-    row = read_metrics(tmp_path)[1]
+    row = metric_dicts(tmp_path)[1]
     assert row["accepted"] == [0] and sorted(row["rejected"]) == ["1", "2", "3"]
 
 
@@ -228,7 +232,7 @@ def test_exported_adapter_reproduces_the_final_evaluation(runs, method):
     from fedsb.training.local import evaluate
 
     _, _, run_dir = runs[method]
-    final = read_metrics(run_dir)[-1]
+    final = metric_dicts(run_dir)[-1]
     worker = get_worker(from_run_config({"config": TINY, "method": method}, APP_DIR))
     val_batches = list(iterate_batches(worker.validation_tokens, 32, shuffle=False))
     test_batches = list(iterate_batches(worker.test_tokens, 32, shuffle=False))
@@ -258,7 +262,7 @@ def test_run_directory_holds_every_output(runs):
                  "adapter/adapter_config.json"):
         assert (run_dir / name).is_file(), name
     summary = json.loads((run_dir / "summary.json").read_text())
-    rows = read_metrics(run_dir)
+    rows = metric_dicts(run_dir)
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert summary["final_val_accuracy"] == rows[-1]["val_accuracy"]
     # The reported point is chosen on validation: the trained round with the best validation accuracy.
@@ -316,7 +320,7 @@ def test_client_side_evaluation_and_the_pooled_oracle_label(tmp_path, monkeypatc
     monkeypatch.setattr(server.app, "log", lambda _level, msg, *args: lines.append(msg % args))
     overrides = "eval.client_eval=true; federation.rounds=1; method.init.source=pooled"
     _, strategy = simulate(tmp_path, overrides)
-    row = read_metrics(tmp_path)[1]
+    row = metric_dicts(tmp_path)[1]
     assert 0 <= row["client_accuracy"] <= 1 and row["client_loss"] > 0
     evaluate_down = strategy.meter.total(round=1, phase="evaluate", direction="down")
     assert evaluate_down == NUM_CLIENTS * strategy.meter.total(round=1, client=0, phase="evaluate")

@@ -13,28 +13,32 @@ from flwr.app import MessageType
 from opacus.accountants import RDPAccountant
 
 from fedsb.experiment.config import ConfigError
-from fedsb.experiment.rundir import read_metrics
-from fedsb.federation.inprocess import InProcessGrid
+from fedsb.experiment.summary import read_metrics
+from fedsb.federation.inprocess import run_in_process
 from fedsb.federation.protocol import METRICS_RECORD
 from fedsb.methods import METHODS
-from server.app import run_server
 
 TINY = "tests/configs/tiny.yaml"
+
+
+def metric_dicts(run_dir: Path) -> list[dict]:
+    """metrics.jsonl's rows as written (through the typed reader, which checks the schema)."""
+    return [row.to_dict() for row in read_metrics(run_dir)]
 TARGET = 3.0
 
 
 def private_run(run_dir: Path, method: str, overrides: str = "", tamper=None):
     rc = {"config": TINY, "run-dir": str(run_dir), "method": method, "privacy-epsilon": TARGET,
           "overrides": overrides}
-    grid = InProcessGrid(4, rc, tamper=tamper)
-    return grid, run_server(grid, rc)
+    grid, run = run_in_process(rc, 4, tamper=tamper)
+    return grid, run
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_trains_privately_and_writes_the_ledger(tmp_path, method):
-    grid, strategy = private_run(tmp_path, method)
+    grid, run = private_run(tmp_path, method)
     first = next(m for m in grid.sent if m.metadata.message_type == MessageType.TRAIN)
-    rows = read_metrics(tmp_path)
+    rows = metric_dicts(tmp_path)
     summary = json.loads((tmp_path / "summary.json").read_text())["privacy"]
     for row in rows[1:]:
         assert row["accepted"] == [0, 1, 2, 3]
@@ -51,14 +55,14 @@ def test_every_method_trains_privately_and_writes_the_ledger(tmp_path, method):
     from fedsb.federation.protocol import ADAPTER_RECORD, to_state
 
     before = to_state(first.content[ADAPTER_RECORD])
-    moved = [k for k in strategy.method.upload(strategy.global_state)
-             if not torch.equal(strategy.global_state[k], before[k])]
-    assert moved == list(strategy.method.upload(strategy.global_state))
+    moved = [k for k in run.strategy.method.upload(run.strategy.global_state)
+             if not torch.equal(run.strategy.global_state[k], before[k])]
+    assert moved == list(run.strategy.method.upload(run.strategy.global_state))
 
 
 def test_reported_epsilon_is_the_one_shot_composition_of_every_step(tmp_path):
-    _, strategy = private_run(tmp_path, "fedit", "federation.rounds=3")
-    for ledger in strategy.ledgers.values():
+    _, run = private_run(tmp_path, "fedit", "federation.rounds=3")
+    for ledger in run.privacy.ledgers.values():
         accountant = RDPAccountant()  # an independent accountant stepped once for the whole run
         accountant.history = [(ledger["noise_multiplier"], ledger["sample_rate"], int(ledger["dp_steps"]))]
         assert ledger["dp_steps"] == 3 * 2
@@ -69,17 +73,17 @@ def test_reported_epsilon_is_the_one_shot_composition_of_every_step(tmp_path):
 def test_budget_guard_refuses_a_round_and_the_run_goes_on(tmp_path):
     # Noise calibrated for one round of local steps: a client sampled a second time must refuse.
     overrides = "federation.clients_per_round=0.5; federation.rounds=3; privacy.calibration_rounds=1"
-    _, strategy = private_run(tmp_path, "fedsb", overrides)
-    refused = {pid for r in strategy.rounds.values() for pid in r.refused}
+    _, run = private_run(tmp_path, "fedsb", overrides)
+    refused = {pid for r in run.strategy.rounds.values() for pid in r.refused}
     assert refused
     trained_before = set()
-    for server_round in sorted(strategy.rounds):
-        r = strategy.rounds[server_round]
+    for server_round in sorted(run.strategy.rounds):
+        r = run.strategy.rounds[server_round]
         assert set(r.refused) == set(r.cohort) & trained_before  # exactly the second-timers refuse
         assert all("privacy budget" in reason for reason in r.refused.values())
         assert not set(r.refused) & set(r.accepted)
         trained_before |= set(r.accepted)
-    rows = read_metrics(tmp_path)
+    rows = metric_dicts(tmp_path)
     assert len(rows) == 4 and all(row.get("epsilon_max_all", 0) <= TARGET for row in rows)
 
 
@@ -89,9 +93,9 @@ def test_server_refuses_a_client_that_reports_epsilon_above_the_target(tmp_path)
             reply.content[METRICS_RECORD]["epsilon"] = TARGET + 0.5
         return reply
 
-    _, strategy = private_run(tmp_path, "ffa", "federation.rounds=1", tamper=overspend)
-    assert "above the target" in strategy.rounds[1].rejected[2]
-    assert strategy.rounds[1].accepted == [0, 1, 3]
+    _, run = private_run(tmp_path, "ffa", "federation.rounds=1", tamper=overspend)
+    assert "above the target" in run.strategy.rounds[1].rejected[2]
+    assert run.strategy.rounds[1].accepted == [0, 1, 3]
     summary = json.loads((tmp_path / "summary.json").read_text())["privacy"]
     assert summary["epsilon_max"] <= TARGET and "2" not in summary["per_client"]
 

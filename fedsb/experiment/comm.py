@@ -45,7 +45,8 @@ from fedsb.core.models import (
     tiny_config,
 )
 from fedsb.experiment.meter import DIRECTIONS, INIT, check_direction
-from fedsb.methods import METHODS, FederatedMethod, get_method
+from fedsb.methods import get_method, method_names
+from fedsb.methods.base import FederatedMethod
 
 METER_COMPONENTS = (*COMPONENTS, HEAD, INIT)  # the order tables print them in
 
@@ -297,9 +298,9 @@ def count_methods(model: nn.Module, methods: Sequence[str], ranks: Mapping[str, 
                   targets: Sequence[str] | None = None, num_clients: int = 1, bytes_per_element: int = 4,
                   init_gradients: bool = False) -> dict[str, CommCounts]:
     """Counts for several methods, each at its own rank (`ranks[name]`)."""
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in method_names()]
     if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; accepted: {', '.join(METHODS)}")
+        raise ValueError(f"unknown method(s) {unknown}; accepted: {', '.join(method_names())}")
     return {m: count(model, m, ranks[m], targets, num_clients, bytes_per_element, init_gradients)
             for m in methods}
 

@@ -16,8 +16,6 @@ from typing import Any, Literal
 
 import yaml
 
-METHOD_NAMES = ("fedit", "ffa", "fedex", "fedsb")
-
 
 class NumberLoader(yaml.SafeLoader):
     """YAML's safe loader, reading numbers as YAML 1.2 and Python do: 1e-3, 5E-4, .5, 1_000.
@@ -101,7 +99,7 @@ class InitConfig:
 
 @dataclass
 class MethodConfig:
-    name: Literal["fedit", "ffa", "fedex", "fedsb"] = "fedsb"
+    name: str = "fedsb"  # a registered method (fedsb.methods.method_names())
     rank: int = 8
     alpha: float | None = None  # LoRA alpha; None: alpha = rank (scale 1)
     init: InitConfig = field(default_factory=InitConfig)
@@ -355,10 +353,23 @@ def _check_device(device: str) -> None:
              else f"'auto', 'cpu', or cuda:0..cuda:{count - 1} (this machine has {count} CUDA device(s))")
 
 
+def uses_init_gradients(c: ExperimentConfig) -> bool:
+    """Whether the config's method has a gradient-based init (so method.init.source matters).
+
+    Asks the method class, which imports torch: only called where the answer changes a check."""
+    from fedsb.methods import get_method
+
+    return get_method(c.method.name).init_gradients
+
+
 def validate(c: ExperimentConfig) -> None:
     """Range checks and cross-field checks; file existence for local data."""
     _require(c.model.max_length >= 8, "model.max_length", c.model.max_length, "an integer >= 8")
     _check_device(c.model.device)
+    from fedsb.methods import method_names  # torch-free: the registry imports a method when it is built
+
+    _require(c.method.name in method_names(), "method.name", c.method.name,
+             "one of " + ", ".join(repr(n) for n in method_names()))
     _require(c.method.rank > 0, "method.rank", c.method.rank, "a positive integer")
     _require(c.method.alpha is None or c.method.alpha > 0, "method.alpha", c.method.alpha,
              "a positive number or null")
@@ -404,8 +415,8 @@ def validate(c: ExperimentConfig) -> None:
              "privacy.calibration_rounds", pv.calibration_rounds,
              f"null or an integer in 1..federation.rounds ({c.federation.rounds})")
     # The pooled init sees every client's raw data in one place: no DP guarantee covers it.
-    _require(not (pv.enabled and c.method.name == "fedsb" and c.method.init.source == "pooled"
-                  and not pv.allow_pooled_init), "method.init.source", c.method.init.source,
+    _require(not (pv.enabled and c.method.init.source == "pooled" and not pv.allow_pooled_init
+                  and uses_init_gradients(c)), "method.init.source", c.method.init.source,
              "'server' or 'clients' with privacy.enabled (or set privacy.allow_pooled_init=true; "
              "the run is then not private)")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsb.experiment.meter import CSV_FIELDS, Meter
-from fedsb.experiment.rundir import append_metrics, write_summary
+from fedsb.experiment.summary import MetricsRow, PrivacySummary, RunSummary, append_metrics
 
 
 class RunRecorder:
@@ -27,72 +27,77 @@ class RunRecorder:
         self.label = label  # e.g. "fedsb r=16": the prefix of every log line
         self.log = log
         self.start = time.monotonic()
-        self.rows: list[dict[str, Any]] = []
+        self.rows: list[MetricsRow] = []
         with open(self.run_dir / "comm.csv", "w", newline="") as f:
             csv.writer(f).writerow(CSV_FIELDS)
 
-    def end_round(self, server_round: int, evaluation: dict[str, float], **extra: Any) -> dict[str, Any]:
+    def end_round(self, server_round: int, evaluation: dict[str, float], **extra: Any) -> MetricsRow:
+        """`extra`: the MetricsRow fields of what the clients did (cohort, rejections, epsilon, ...)."""
         up = self.meter.total("bytes", round=server_round, direction="up")
         down = self.meter.total("bytes", round=server_round, direction="down")
-        previous = self.rows[-1] if self.rows else {"cum_bytes_up": 0, "cum_bytes_down": 0}
-        row = {
-            "round": server_round, "val_accuracy": evaluation.get("accuracy"),
-            "val_loss": evaluation.get("loss"),
-            "bytes_up": up, "bytes_down": down,
-            "cum_bytes_up": previous["cum_bytes_up"] + up,
-            "cum_bytes_down": previous["cum_bytes_down"] + down,
-            "wire_bytes_up": self.meter.total("wire_bytes", round=server_round, direction="up"),
-            "wire_bytes_down": self.meter.total("wire_bytes", round=server_round, direction="down"),
-            "wall_s": round(time.monotonic() - self.start, 2), **extra,
-        }
+        previous = self.rows[-1] if self.rows else None
+        row = MetricsRow(
+            round=server_round, val_accuracy=evaluation.get("accuracy"), val_loss=evaluation.get("loss"),
+            bytes_up=up, bytes_down=down,
+            cum_bytes_up=(previous.cum_bytes_up if previous else 0) + up,
+            cum_bytes_down=(previous.cum_bytes_down if previous else 0) + down,
+            wire_bytes_up=self.meter.total("wire_bytes", round=server_round, direction="up"),
+            wire_bytes_down=self.meter.total("wire_bytes", round=server_round, direction="down"),
+            wall_s=round(time.monotonic() - self.start, 2), **extra)
         self.rows.append(row)
         append_metrics(self.run_dir, row)
         with open(self.run_dir / "comm.csv", "a", newline="") as f:
             writer = csv.writer(f)
             for entry in self.meter.select(round=server_round):
                 writer.writerow(dataclasses.astuple(entry))
-        line = (f"[{self.label}] round {server_round}: val accuracy {row['val_accuracy']:.3f} "
-                f"val loss {row['val_loss']:.3f} | "
-                f"up {up:,} B, down {down:,} B (total up {row['cum_bytes_up']:,} B, "
-                f"down {row['cum_bytes_down']:,} B) | {row['wall_s']:.1f} s")
-        if "epsilon_max_all" in row:
-            line += f" | epsilon max {row['epsilon_max_all']:.2f}"
-        rejected = extra.get("rejected") or {}
-        if rejected:
-            reasons = "; ".join(f"client {c}: {r}" for c, r in rejected.items())
-            line += f" | rejected {len(rejected)}: {reasons}"
-        self.log(line)
+        self.log(self._line(row))
         return row
 
-    def best_row(self) -> dict[str, Any] | None:
-        """The trained round with the best validation accuracy (the first of equals): the chosen point."""
-        trained = [r for r in self.rows if r["round"] > 0]
-        return max(trained, key=lambda r: r["val_accuracy"], default=None)
+    def _line(self, row: MetricsRow) -> str:
+        line = (f"[{self.label}] round {row.round}: val accuracy {row.val_accuracy:.3f} "
+                f"val loss {row.val_loss:.3f} | "
+                f"up {row.bytes_up:,} B, down {row.bytes_down:,} B (total up {row.cum_bytes_up:,} B, "
+                f"down {row.cum_bytes_down:,} B) | {row.wall_s:.1f} s")
+        if row.epsilon_max_all is not None:
+            line += f" | epsilon max {row.epsilon_max_all:.2f}"
+        if row.rejected:
+            reasons = "; ".join(f"client {c}: {r}" for c, r in row.rejected.items())
+            line += f" | rejected {len(row.rejected)}: {reasons}"
+        return line
 
-    def summary(self, chosen_test: dict[str, float] | None = None, final_test: dict[str, float] | None = None,
-                **fields: Any) -> dict[str, Any]:
+    def best_row(self) -> MetricsRow | None:
+        """The trained round with the best validation accuracy (the first of equals): the chosen point."""
+        trained = [r for r in self.rows if r.round > 0]
+        return max(trained, key=lambda r: r.val_accuracy, default=None)
+
+    def summary(self, setting: dict[str, Any], chosen_test: dict[str, float] | None = None,
+                final_test: dict[str, float] | None = None,
+                privacy: PrivacySummary | None = None) -> RunSummary:
         """summary.json: the test accuracy at the round chosen on validation (`test_accuracy`, the
-        number to report) and at the last round, the validation accuracies, bytes, wall time, ..."""
-        trained = [r for r in self.rows if r["round"] > 0]
+        number to report) and at the last round, the validation accuracies, bytes, wall time, ...
+
+        `setting`: the RunSummary fields that describe the run (method, rank, data, ...)."""
+        trained = [r for r in self.rows if r.round > 0]
         best = self.best_row()
         chosen_test, final_test = chosen_test or {}, final_test or {}
-        summary = {
-            **fields,
-            "rounds_completed": len(trained),
-            "selection": "validation",
-            "initial_val_accuracy": self.rows[0]["val_accuracy"] if self.rows else None,
-            "final_val_accuracy": trained[-1]["val_accuracy"] if trained else None,
-            "final_val_loss": trained[-1]["val_loss"] if trained else None,
-            "best_val_accuracy": best["val_accuracy"] if best else None,
-            "best_round": best["round"] if best else None,
-            "test_accuracy": chosen_test.get("accuracy"),
-            "test_loss": chosen_test.get("loss"),
-            "final_test_accuracy": final_test.get("accuracy"),
-            "final_test_loss": final_test.get("loss"),
-            "communication": self.meter.summary(),
-            "wall_s": round(time.monotonic() - self.start, 2),
-        }
-        write_summary(self.run_dir, summary)
+        summary = RunSummary(
+            **setting,
+            rounds_completed=len(trained),
+            selection="validation",
+            initial_val_accuracy=self.rows[0].val_accuracy if self.rows else None,
+            final_val_accuracy=trained[-1].val_accuracy if trained else None,
+            final_val_loss=trained[-1].val_loss if trained else None,
+            best_val_accuracy=best.val_accuracy if best else None,
+            best_round=best.round if best else None,
+            test_accuracy=chosen_test.get("accuracy"),
+            test_loss=chosen_test.get("loss"),
+            final_test_accuracy=final_test.get("accuracy"),
+            final_test_loss=final_test.get("loss"),
+            communication=self.meter.summary(),
+            wall_s=round(time.monotonic() - self.start, 2),
+            privacy=privacy or PrivacySummary(),
+        )
+        summary.write(self.run_dir)
         return summary
 
 

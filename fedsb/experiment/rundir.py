@@ -12,8 +12,6 @@
 
 from __future__ import annotations
 
-import json
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -53,28 +51,3 @@ def new_run_dir(output_dir: str | Path, name: str) -> Path:
 
 def write_config(run_dir: Path, config: dict[str, Any]) -> None:
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-
-
-def json_safe(value: Any) -> Any:
-    """NaN and infinities become null: the files stay strict JSON (e.g. DP runs release no loss)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
-
-
-def append_metrics(run_dir: Path, row: dict[str, Any]) -> None:
-    with open(run_dir / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(json_safe(row)) + "\n")
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
-    (run_dir / "summary.json").write_text(json.dumps(json_safe(summary), indent=2) + "\n")

@@ -26,7 +26,8 @@ from fedsb.data.sources import (
 from fedsb.experiment.cohort import hash_seed
 from fedsb.experiment.config import ExperimentConfig
 from fedsb.experiment.task import load_task_data
-from fedsb.methods import FederatedMethod, build_method
+from fedsb.methods import build_method
+from fedsb.methods.base import FederatedMethod
 from fedsb.training.local import TrainResult, evaluate, to_device, train_local
 
 if TYPE_CHECKING:
@@ -143,22 +144,25 @@ class Worker:
         batches = iterate_batches(data, self.config.train.batch_size, shuffle=False)
         return accumulate_gradients(self.model, list(self.method.specs), batches, num_samples)
 
+    @property
+    def init_source(self) -> str | None:
+        """Where the method's init gradients come from (method.init.source), or None: no such init."""
+        return self.config.method.init.source if self.method.init_gradients else None
+
     def initial_state(self, client_gradients: list[dict[str, torch.Tensor]] | None = None) -> State:
-        """The global state before round 1; Fed-SB's init from the configured gradient source."""
+        """The global state before round 1; a gradient-based init's gradients from the configured source."""
         self.reset_to_base()
         gradients = None
-        if self.method.name == "fedsb":
-            source = self.config.method.init.source
-            n = self.config.method.init.num_samples
-            if source == "server":
-                gradients = self._gradients(self.tokens(self.data.server), n)
-            elif source == "pooled":  # the paper's oracle: all clients' data in one place
-                pooled = self.tokens(self.data.train)
-                gradients = self._gradients(pooled, min(n, len(pooled["labels"])))
-            else:
-                if not client_gradients:
-                    raise ValueError("init.source=clients needs the clients' gradients")
-                gradients = {k: sum(g[k] for g in client_gradients) for k in client_gradients[0]}
+        source, n = self.init_source, self.config.method.init.num_samples
+        if source == "server":
+            gradients = self._gradients(self.tokens(self.data.server), n)
+        elif source == "pooled":  # the paper's oracle: all clients' data in one place
+            pooled = self.tokens(self.data.train)
+            gradients = self._gradients(pooled, min(n, len(pooled["labels"])))
+        elif source == "clients":
+            if not client_gradients:
+                raise ValueError("init.source=clients needs the clients' gradients")
+            gradients = {k: sum(g[k] for g in client_gradients) for k in client_gradients[0]}
         generator = torch.Generator().manual_seed(self.config.seed)
         state = self.method.initial_state(self.model, generator, gradients, lr_eff=self.config.init_lr)
         return to_device(state, torch.device("cpu"))  # the server's state lives on the CPU, in float32

@@ -21,7 +21,7 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 if TYPE_CHECKING:
-    from server.strategy import FedsbStrategy
+    from server.app import ServerRun
 
 Tamper = Callable[[int, Message], Message]  # (partition id, reply) -> reply: to forge bad updates in tests
 
@@ -71,11 +71,16 @@ class InProcessGrid:
         return replies
 
 
-def run_in_process(run_config: Mapping[str, Any], num_nodes: int, *, tamper: Tamper | None = None,
-                   client_threads: int | None = None) -> tuple[InProcessGrid, FedsbStrategy]:
-    """One whole run of the ServerApp (`server.app.run_server`) over an in-process grid of num_nodes."""
-    from server.app import run_server
+def run_in_process(run_config: Mapping[str, Any], num_nodes: int | None = None, *,
+                   tamper: Tamper | None = None, client_threads: int | None = None
+                   ) -> tuple[InProcessGrid, ServerRun]:
+    """One whole run of the ServerApp (`server.app.run_server`) over an in-process grid of num_nodes
+    virtual clients (default: the config's federation.num_clients, as `fedsb run` starts)."""
+    from fedsb.experiment.config import from_run_config
+    from server.app import APP_DIR, run_server
 
+    if num_nodes is None:
+        num_nodes = from_run_config(run_config, APP_DIR).federation.num_clients
     grid = InProcessGrid(num_nodes, run_config, tamper=tamper, client_threads=client_threads)
     return grid, run_server(grid, dict(run_config))
 

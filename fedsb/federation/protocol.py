@@ -1,5 +1,14 @@
-"""The message protocol shared by server/app.py and clients/app.py: record names, Flower records
-<-> fedsb's plain tensor states, and metering of what a message carries."""
+"""The message protocol shared by the ServerApp (server/) and the ClientApp (clients/): message types,
+record and metric names, Flower records <-> fedsb's plain tensor states, and metering of what a
+message carries. Both apps import these names; neither spells a record name itself.
+
+    query                 server -> node: which partition do you hold?  reply: NODE_RECORD
+    query.init_gradient   server -> client: your summed init gradient   reply: INIT_RECORD, METRICS_RECORD
+    train                 CONFIG_RECORD, ADAPTER_RECORD (+ INIT_RECORD the first time)
+                          reply: ADAPTER_RECORD, METRICS_RECORD; or METRICS_RECORD with REFUSED=1
+                          and REFUSAL_RECORD (a client whose privacy budget would be exceeded)
+    evaluate              CONFIG_RECORD, ADAPTER_RECORD            reply: METRICS_RECORD
+"""
 
 from __future__ import annotations
 
@@ -10,11 +19,21 @@ from flwr.app import Array, ArrayRecord, RecordDict
 from fedsb.core.adapters import State, component_of
 from fedsb.experiment.meter import INIT, Meter
 
+INIT_GRADIENT_QUERY = "init_gradient"  # the query's name: message type f"{MessageType.QUERY}.init_gradient"
+CONFIG_RECORD = "config"  # in it: SERVER_ROUND
+SERVER_ROUND = "server-round"
+NODE_RECORD = "node"  # a node's PARTITION_ID and NUM_PARTITIONS
+PARTITION_ID = "partition-id"
+NUM_PARTITIONS = "num-partitions"
+REFUSAL_RECORD = "refusal"  # in it: "reason"
 ADAPTER_RECORD = "arrays"  # the per-round tensors of a message
 INIT_RECORD = "init"  # one-time tensors: LoRA-SB's B and A down, a client's init gradient up
 METRICS_RECORD = "metrics"  # a reply's MetricRecord
 NUM_EXAMPLES = "num-examples"  # in it: the aggregation weight
 REFUSED = "refused"  # in it: 1 when a client refused to train (its privacy budget)
+# With DP, a reply's metrics also carry the client's privacy ledger:
+LEDGER_KEYS = ("epsilon", "delta", "target_epsilon", "noise_multiplier", "max_grad_norm", "sample_rate",
+               "dp_steps")
 
 
 def to_record(state: State) -> ArrayRecord:

@@ -54,7 +54,12 @@ def weighted_mean(tensors: Sequence[torch.Tensor], weights: torch.Tensor) -> tor
 class FederatedMethod:
     """Base class: a LoRA adapter, FedAvg of every uploaded tensor, full download each round."""
 
-    name: ClassVar[str]
+    name: ClassVar[str]  # the config's method.name
+    label: ClassVar[str]  # how figures and tables name it, e.g. "Fed-SB"
+    centralised_label: ClassVar[str]  # its centralised reference (one client, pooled data), e.g. "LoRA-SB"
+    # Whether initial_adapter_state needs the gradients of the target weights (a gradient-based init);
+    # the config's method.init.source says where they come from (server, clients or pooled data).
+    init_gradients: ClassVar[bool] = False
     adapter_kind: ClassVar[str] = "lora"
     residual: ClassVar[bool] = False
     trainable: ClassVar[tuple[str, ...]]  # adapter components a client trains

@@ -16,6 +16,8 @@ from fedsb.methods.base import FederatedMethod, normalize_weights, weighted_mean
 
 class FedExLoRA(FederatedMethod):
     name = "fedex"
+    label = "FedEx-LoRA"
+    centralised_label = "LoRA"
     trainable = ("lora_A", "lora_B")
     residual = True
 

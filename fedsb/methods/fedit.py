@@ -9,4 +9,6 @@ from fedsb.methods.base import FederatedMethod
 
 class FedIT(FederatedMethod):
     name = "fedit"
+    label = "FedIT"
+    centralised_label = "LoRA"
     trainable = ("lora_A", "lora_B")

@@ -16,6 +16,9 @@ from fedsb.methods.base import FederatedMethod
 
 class FedSB(FederatedMethod):
     name = "fedsb"
+    label = "Fed-SB"
+    centralised_label = "LoRA-SB"
+    init_gradients = True
     adapter_kind = "lora_sb"
     trainable = ("lora_R",)
     one_time = ("lora_A", "lora_B")

@@ -10,5 +10,7 @@ from fedsb.methods.base import FederatedMethod
 
 class FFALoRA(FederatedMethod):
     name = "ffa"
+    label = "FFA-LoRA"
+    centralised_label = "LoRA (A frozen)"
     trainable = ("lora_B",)
     one_time = ("lora_A",)

@@ -1,0 +1,84 @@
+"""What a run says about itself: its log label, the setting and privacy parts of its summary, and
+each round's privacy metrics. The ServerApp calls these; it computes none of them itself."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fedsb.experiment.config import ExperimentConfig
+from fedsb.experiment.summary import PrivacySummary
+from fedsb.experiment.worker import Worker
+
+
+def _privacy_status(config: ExperimentConfig) -> str:
+    from fedsb.training.privacy import privacy_status
+
+    return privacy_status(config)
+
+
+def run_label(config: ExperimentConfig, worker: Worker) -> str:
+    """The prefix of every log line, e.g. 'fedsb r=16', flagged when the run is not a federated result."""
+    label = f"{config.method.name} r={config.method.rank}"
+    if worker.init_source == "pooled":
+        label += " ORACLE init (pooled data)"  # the paper's setting, not a federated result
+    if config.federation.centralised:
+        label += " CENTRALISED reference (not federated)"
+    if config.privacy.enabled:
+        status = _privacy_status(config)
+        label += f" DP eps<={config.privacy.epsilon:g}" + (" NOT PRIVATE" if status.startswith("not private")
+                                                           else "")
+    return label
+
+
+def run_setting(config: ExperimentConfig, worker: Worker, connected: int, run_dir: Path) -> dict[str, Any]:
+    """The RunSummary fields that describe the run's setting."""
+    return {
+        "method": config.method.name, "method_label": worker.method.label,
+        "rank": config.method.rank, "alpha": config.lora_alpha,
+        "seed": config.seed, "model": config.model.name, "data": config.data.source,
+        "num_clients": config.federation.num_clients, "connected_clients": connected,
+        "clients_per_round": config.clients_per_round(), "rounds": config.federation.rounds,
+        "local_steps": config.train.local_steps, "lr": config.train.lr, "init_lr": config.init_lr,
+        "weighting": config.federation.weighting, "centralised": config.federation.centralised,
+        "init_source": worker.init_source,
+        "oracle": worker.init_source == "pooled",  # the paper's pooled-data init: not a federated result
+        "partition": {"scheme": config.partition.scheme, "alpha": config.partition.alpha,
+                      "label_counts": worker.data.stats(), "label_names": worker.data.label_names},
+        "run_dir": str(run_dir),
+    }
+
+
+def epsilon_metrics(trained: dict[int, float], ledgers: dict[int, dict[str, float]]) -> dict[str, float]:
+    """A round's privacy metrics: epsilon of the clients that trained, and the max over all so far."""
+    spent = [ledger["epsilon"] for ledger in ledgers.values()]
+    return {"epsilon_max": max(trained.values(), default=0.0),
+            "epsilon_mean": sum(trained.values()) / len(trained) if trained else 0.0,
+            "epsilon_max_all": max(spent, default=0.0)}
+
+
+def privacy_summary(config: ExperimentConfig, ledgers: dict[int, dict[str, float]]) -> PrivacySummary:
+    if not config.privacy.enabled:
+        return PrivacySummary(enabled=False)
+    per_client = {str(pid): ledgers[pid] for pid in sorted(ledgers)}
+    noise = [c["noise_multiplier"] for c in per_client.values()]
+    return PrivacySummary(
+        enabled=True, status=_privacy_status(config),
+        guarantee="sample-level (epsilon, delta)-DP per client with respect to its own data, "
+                  "composed over every round (DP-SGD, Opacus)",
+        target_epsilon=config.privacy.epsilon, accountant=config.privacy.accountant,
+        epsilon_max=max((c["epsilon"] for c in per_client.values()), default=0.0),
+        released_outside_dp=released_outside_dp(config),
+        delta_max=max((c["delta"] for c in per_client.values()), default=None),
+        max_grad_norm=config.privacy.max_grad_norm,
+        noise_multiplier_range=[min(noise, default=None), max(noise, default=None)],
+        per_client=per_client,
+    )
+
+
+def released_outside_dp(config: ExperimentConfig) -> str:
+    """What a private client sends beside its DP-trained tensors, which the epsilon does not cover."""
+    if config.federation.weighting == "examples":
+        return ("each client's number of training examples (its aggregation weight, "
+                "federation.weighting=examples) is sent in the clear; federation.weighting=uniform avoids it")
+    return "nothing: every client reports the weight 1 (federation.weighting=uniform)"
