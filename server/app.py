@@ -183,7 +183,7 @@ def gather_init_gradients(grid: Grid, config: ExperimentConfig, nodes: dict[int,
 
 
 def _not_private(config: ExperimentConfig) -> bool:
-    from fedsb.training.privacy import privacy_status
+    from fedsb.training.privacy.policy import privacy_status
 
     return privacy_status(config).startswith("not private")
 
@@ -199,7 +199,7 @@ def _epsilon_metrics(trained: dict[int, float], ledgers: dict[int, dict[str, flo
 def _privacy_summary(config: ExperimentConfig, ledgers: dict[int, dict[str, float]]) -> dict[str, Any]:
     if not config.privacy.enabled:
         return {"enabled": False}
-    from fedsb.training.privacy import privacy_status
+    from fedsb.training.privacy.policy import privacy_status
 
     per_client = {str(pid): ledgers[pid] for pid in sorted(ledgers)}
     return {
