@@ -2,7 +2,7 @@
 
 The packaged MiniLM (all-MiniLM-L6-v2, sequence classification, 2 labels), batch 16, sequence
 length 64, rank 8. A non-DP step is `fedsb.training.local.train_local`'s step (HF loss, backward,
-optimiser step); a DP step is `fedsb.training.privacy.PrivateStepper.step` (per-example losses, Opacus
+optimiser step); a DP step is `fedsb.training.privacy.dpsgd.PrivateStepper.step` (per-example losses, Opacus
 per-sample gradients of the trained tensors, clipping, Gaussian noise, optimiser step) on the
 same fixed batch, so both do the same work apart from DP (Poisson sampling itself is a
 Bernoulli draw per example: negligible, and left out). Steps are timed one by one in
@@ -31,7 +31,7 @@ from fedsb.core.init import accumulate_gradients  # noqa: E402
 from fedsb.core.models import find_target_modules, load_model  # noqa: E402
 from fedsb.methods import build_method  # noqa: E402
 from fedsb.training.local import make_optimizer  # noqa: E402
-from fedsb.training.privacy import PrivateStepper  # noqa: E402
+from fedsb.training.privacy.dpsgd import PrivateStepper  # noqa: E402
 
 METHODS = ("fedit", "ffa", "fedex", "fedsb")
 

@@ -41,7 +41,7 @@ from fedsb.federation.protocol import (
 )
 
 if TYPE_CHECKING:
-    from fedsb.training.privacy import PrivacyLedger
+    from fedsb.training.privacy.accounting import PrivacyLedger
 
 APP_DIR = Path(__file__).resolve().parents[1]
 ONE_TIME_STATE = "fedsb.one-time"  # where a client keeps the tensors it receives once
@@ -101,7 +101,8 @@ def _ledger(context: Context, worker: Worker) -> Iterator[PrivacyLedger | None]:
     if not worker.config.privacy.enabled:
         yield None
         return
-    from fedsb.training.privacy import PrivacyLedger, ledger_for_client
+    from fedsb.training.privacy.accounting import PrivacyLedger
+    from fedsb.training.privacy.policy import ledger_for_client
 
     if LEDGER_STATE in context.state.config_records:
         ledger = PrivacyLedger.from_json(str(context.state[LEDGER_STATE]["json"]))

@@ -18,19 +18,11 @@ from fedsb.core.init import accumulate_gradients
 from fedsb.core.models import find_target_modules, load_model
 from fedsb.experiment.config import ConfigError, load_config
 from fedsb.methods import build_method
-from fedsb.training.privacy import (
-    BudgetExceeded,
-    PrivacyLedger,
-    PrivateStepper,
-    calibrate_noise,
-    ledger_for_client,
-    per_example_loss,
-    per_sample_gradients,
-    privacy_status,
-    privatize_init_gradient,
-    resolve_delta,
-    train_local_private,
-)
+from fedsb.training.privacy.accounting import BudgetExceeded, PrivacyLedger, calibrate_noise, resolve_delta
+from fedsb.training.privacy.dpsgd import PrivateStepper, train_local_private
+from fedsb.training.privacy.per_sample import per_example_loss, per_sample_gradients
+from fedsb.training.privacy.policy import ledger_for_client, privacy_status
+from fedsb.training.privacy.private_init import privatize_init_gradient
 
 DELTA = 1e-5
 

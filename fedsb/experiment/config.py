@@ -132,16 +132,16 @@ class EvalConfig:
     client_eval: bool = False  # also evaluate the global adapter on each client's own data
 
 
-# --- privacy (fedsb.training.privacy) ----------------------------------------------------------------
+# --- privacy (fedsb.training.privacy.policy) ---------------------------------------------------------
 
 @dataclass
 class PrivacyConfig:
     """Sample-level (epsilon, delta)-DP for each client w.r.t. its own data, by DP-SGD (Opacus).
 
     delta None means, per client with n local examples, min(1e-5, 1 / (10 n)): always strictly
-    below 1/n (see `fedsb.training.privacy.resolve_delta`). The noise multiplier is calibrated once per
-    client for the whole run; `init_noise_multiplier` is the Gaussian noise of the privatised
-    Fed-SB init gradient (method.init.source = clients), charged to each client's ledger.
+    below 1/n (see `fedsb.training.privacy.accounting.resolve_delta`). The noise multiplier is
+    calibrated once per client for the whole run; `init_noise_multiplier` is the Gaussian noise of
+    the privatised Fed-SB init gradient (method.init.source = clients), charged to each client's ledger.
     """
 
     enabled: bool = False
@@ -404,7 +404,7 @@ def validate(c: ExperimentConfig) -> None:
         value = getattr(c.data, name)
         if value is not None:
             _require(Path(value).expanduser().is_file(), f"data.{name}", value, "an existing file or null")
-    # privacy (fedsb.training.privacy) --------------------------------------------------------------
+    # privacy (fedsb.training.privacy.policy) -------------------------------------------------------
     pv = c.privacy
     _require(pv.epsilon > 0, "privacy.epsilon", pv.epsilon, "a positive number")
     _require(pv.delta is None or 0 < pv.delta < 1, "privacy.delta", pv.delta, "a number in (0, 1) or null")

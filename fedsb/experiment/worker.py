@@ -31,7 +31,7 @@ from fedsb.methods.base import FederatedMethod
 from fedsb.training.local import TrainResult, evaluate, to_device, train_local
 
 if TYPE_CHECKING:
-    from fedsb.training.privacy import PrivacyLedger
+    from fedsb.training.privacy.accounting import PrivacyLedger
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ class Worker:
         seed = hash_seed(self.config.seed, server_round, partition_id)
         torch.manual_seed(seed)  # dropout: reproducible per (seed, round, client)
         if ledger is not None:
-            from fedsb.training.privacy import train_local_private
+            from fedsb.training.privacy.dpsgd import train_local_private
 
             on_device = to_device(data, self.device)  # Opacus samples on the device
             result = train_local_private(self.model, self.method, on_device, t.local_steps, t.lr, ledger,
@@ -114,12 +114,13 @@ class Worker:
     def client_gradients(self, partition_id: int, ledger: PrivacyLedger | None = None
                          ) -> tuple[dict[str, torch.Tensor], int]:
         """A client's summed init gradient over up to init.num_samples of its examples, taken at the
-        base model; with a privacy ledger, clipped, noised and charged (fedsb.training.privacy)."""
+        base model; with a privacy ledger, clipped, noised and charged
+        (fedsb.training.privacy.private_init)."""
         self.reset_to_base()
         data = self.client_tokens(partition_id)
         n = min(self.config.method.init.num_samples, len(data["labels"]))
         if ledger is not None:
-            from fedsb.training.privacy import privatize_init_gradient
+            from fedsb.training.privacy.private_init import privatize_init_gradient
 
             seed = hash_seed(self.config.seed, 0, partition_id)
             on_device = to_device(data, self.device)
