@@ -34,7 +34,10 @@ def run_label(config: ExperimentConfig, worker: Worker) -> str:
 def run_setting(config: ExperimentConfig, worker: Worker, connected: int, run_dir: Path) -> dict[str, Any]:
     """The RunSummary fields that describe the run's setting."""
     return {
-        "method": config.method.name, "method_label": worker.method.label,
+        "method": config.method.name,
+        # the centralised reference is named for its centralised adapter (Fed-SB's is LoRA-SB)
+        "method_label": (worker.method.centralised_label if config.federation.centralised
+                         else worker.method.label),
         "rank": config.method.rank, "alpha": config.lora_alpha,
         "seed": config.seed, "model": config.model.name, "data": config.data.source,
         "num_clients": config.federation.num_clients, "connected_clients": connected,

@@ -120,7 +120,7 @@ class RunSummary:
 
     # The setting
     method: str
-    method_label: str  # how figures and tables name the method, e.g. 'Fed-SB'
+    method_label: str  # how figures and tables name the run's method: 'Fed-SB'; centralised: 'LoRA-SB'
     rank: int
     alpha: float
     seed: int
