@@ -336,19 +336,39 @@ def test_too_few_supernodes_is_a_clear_error(tmp_path):
 # --- one real `flwr run` ----------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_real_flwr_run_completes_and_writes_the_run_directory(tmp_path):
-    import json
+def test_real_flwr_run_and_the_in_process_run_are_the_same_run(tmp_path):
+    """`flwr run` (through `fedsb run`) and `fedsb demo`'s in-process grid execute one round loop: the
+    same config gives the same metrics, bytes, summary and final adapter, to the bit."""
+    from safetensors.torch import load_file
 
+    from fedsb.experiment.config import format_override_list
     from fedsb.ops.launch import run_simulation
 
+    overrides = {"method.name": "ffa"}
     lines: list[str] = []
-    outcome = run_simulation(APP_DIR / TINY, {"output_dir": str(tmp_path), "method.name": "ffa"},
+    outcome = run_simulation(APP_DIR / TINY, {"output_dir": str(tmp_path / "flwr"), **overrides},
                              echo=lines.append)
     assert outcome.ok, (outcome.status, outcome.details, lines[-20:])
-    summary = json.loads((outcome.run_dir / "summary.json").read_text())
+    real = outcome.run_dir
+    summary = json.loads((real / "summary.json").read_text())
     assert summary["method"] == "ffa" and summary["rounds_completed"] == 2
     assert any("[ffa r=4] round 2: val accuracy" in line for line in lines)
-    assert (outcome.run_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+    # Flower gives each virtual client one CPU (client-resources-num-cpus=1): so does the in-process grid.
+    _, run = run_in_process({"config": str(APP_DIR / TINY), "run-dir": str(tmp_path / "inprocess"),
+                             "overrides": format_override_list(overrides)}, client_threads=1)
+    local = run.run_dir
+    assert _metric_rows(local) == _metric_rows(real)
+    assert (local / "comm.csv").read_text() == (real / "comm.csv").read_text()
+    local_summary = json.loads((local / "summary.json").read_text())
+    for name in ("run_dir", "wall_s"):
+        local_summary.pop(name), summary.pop(name)
+    assert local_summary == summary
+    local_adapter = load_file(local / "adapter" / "adapter_model.safetensors")
+    real_adapter = load_file(real / "adapter" / "adapter_model.safetensors")
+    assert local_adapter.keys() == real_adapter.keys() and len(real_adapter) > 0
+    for k, value in real_adapter.items():
+        assert torch.equal(local_adapter[k], value), k
 
 
 # --- aggregation weights and the centralised reference ---------------------------------------------
