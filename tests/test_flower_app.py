@@ -72,7 +72,7 @@ def runs(tmp_path_factory):
 
 def independent_aggregate(method_name: str, scale: float, before: dict, uploads: list[dict],
                           weights: list[int]) -> dict:
-    """DESIGN.md section 2, written out again: weighted means; FedEx also folds in the residual."""
+    """docs/architecture.md section 2, written out again: weighted means; FedEx also folds in the residual."""
     w = torch.tensor(weights, dtype=torch.float64) / sum(weights)
     after = {k: v.double() for k, v in before.items()}
     for k in uploads[0]:

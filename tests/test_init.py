@@ -1,4 +1,4 @@
-"""LoRA, FFA-LoRA and LoRA-SB initialisations (DESIGN.md section 3)."""
+"""LoRA, FFA-LoRA and LoRA-SB initialisations (docs/architecture.md section 3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""One conformance suite run against every method on every tiny architecture (DESIGN.md section 2).
+"""One conformance suite run against every method on every tiny architecture (docs/architecture.md section 2).
 
 Clients really train (a few AdamW steps on their own random batches) before their uploads
 are aggregated, so the invariants are checked on realistic, distinct client states.

@@ -1,4 +1,5 @@
-"""Differential privacy (DESIGN.md section 5): ledger, budget, per-sample gradients, DP-SGD, private init."""
+"""Differential privacy (docs/architecture.md section 5): ledger, budget, per-sample gradients,
+DP-SGD, private init."""
 
 from __future__ import annotations
 

@@ -4,12 +4,12 @@ The counts are derived from the methods themselves, not from a table: a *symboli
 state (tensors on the `meta` device, which have shapes but no storage) is passed through
 `method.download(state, first_time)` and `method.upload(state)`, and the elements of what
 comes back are counted per component. So a method that changes what it sends changes its
-closed form too, and the figures are the ones the communication meter (DESIGN.md section 4)
+closed form too, and the figures are the ones the communication meter (docs/architecture.md section 4)
 should measure on the wire: parameter count x bytes per element.
 
 Components (the meter's names): `lora_A`, `lora_B`, `lora_R`, `residual`, `head`, and `init`,
 the one-time tensors (`method.one_time`) a client downloads the first time it is sampled,
-plus, when the LoRA-SB init gradient comes from the clients (DESIGN.md section 3), the dense
+plus, when the LoRA-SB init gradient comes from the clients (docs/architecture.md section 3), the dense
 gradient a client uploads once.
 
 Typical use, one client, comparing with a meter::

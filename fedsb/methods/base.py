@@ -1,4 +1,4 @@
-"""The interface every federated method implements (DESIGN.md section 2).
+"""The interface every federated method implements (docs/architecture.md section 2).
 
 A method answers four questions on plain dicts of tensors (see `fedsb.core.adapters.State`):
 1. adapter: which adapter a client holds (`adapter_kind`, `residual`) and what it trains

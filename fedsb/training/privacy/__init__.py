@@ -1,6 +1,6 @@
 """Differential privacy for clients: Opacus DP-SGD, a per-client privacy ledger, a hard budget.
 
-The guarantee (DESIGN.md section 5): sample-level (epsilon, delta)-DP for each client with
+The guarantee (docs/architecture.md section 5): sample-level (epsilon, delta)-DP for each client with
 respect to its own local dataset (add/remove one example), composed over every round it
 trains in. It holds for what leaves the client: the trained tensors (and, for Fed-SB's
 `init.source=clients`, the privatised init gradient). No plain PyTorch code here differs from
