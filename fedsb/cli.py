@@ -19,11 +19,11 @@ import fedsb.analysis.sweep as sweep
 import fedsb.experiment.comm as comm
 import fedsb.ops.deploy as deploy
 from fedsb.core.models import TASKS, TINY_MODELS, find_target_modules
-from fedsb.methods import method_names
+from fedsb.methods import get_method, method_names
 from fedsb.ops.launch import add_launch_arguments
 
 DEFAULT_RANK = 8
-REFERENCE_METHOD = "fedsb"  # upload ratios are taken against Fed-SB
+DEFAULT_REFERENCE = "fedsb"  # `fedsb comm` takes upload ratios against this method (--reference)
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,9 @@ def _comm_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--init-source", choices=("server", "clients", "pooled"), default="server",
                         help="where the LoRA-SB init gradient comes from; 'clients' adds each client's "
                              "dense gradient upload as one-time 'init' (default: %(default)s)")
+    parser.add_argument("--reference", default=DEFAULT_REFERENCE, choices=method_names(),
+                        help="the method that upload and download ratios are taken against "
+                             "(default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="print every figure as JSON instead of tables")
 
 
@@ -98,7 +101,7 @@ def parse_ranks(values: Sequence[str] | None, methods: Sequence[str]) -> dict[st
             specific[name] = rank
         else:
             default = rank
-    return {m: specific.get(m, default) for m in (*methods, REFERENCE_METHOD)}
+    return {m: specific.get(m, default) for m in methods}
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str) -> str:
@@ -157,28 +160,31 @@ def format_comm(target: comm.AccountingModel, task: str, targets: Sequence[str] 
             rows.append([name if d == "up" else "", d, *(f"{parts.get(p, 0):,}" for p in shown)])
     out.append(_table(["method", "dir", *shown], rows, "ll" + "r" * len(shown)))
 
-    out += ["", f"Upload per client per round relative to Fed-SB (r={reference.rank}: "
+    ref_label = get_method(reference.method).label
+    out += ["", f"Upload per client per round relative to {ref_label} (r={reference.rank}: "
                 f"{_params(reference.up)} params)"]
     rows = [[name, str(c.rank), f"{c.up / reference.up:,.2f}x", f"{c.down / reference.down:,.2f}x"]
             for name, c in counts.items()]
-    out.append(_table(["method", "rank", "upload vs fedsb", "download vs fedsb"], rows, "lrrr"))
+    out.append(_table(["method", "rank", f"upload vs {reference.method}", f"download vs {reference.method}"],
+                      rows, "lrrr"))
 
-    fedex = counts.get("fedex")
-    if fedex is not None:
-        method = comm.method_for_model(model, "fedex", fedex.rank, targets)
+    for name, c in counts.items():  # a residual method: what its download would be, sent factored
+        method = comm.method_for_model(model, name, c.rank, targets)
+        if not method.residual:
+            continue
         factored = comm.factored_residual_params(method, num_clients)
-        adapter_up = fedex.components("up")
-        adapter_up = adapter_up.get("lora_A", 0) + adapter_up.get("lora_B", 0)
-        dense = fedex.components("down").get("residual", 0)
+        adapter_up = sum(v for k, v in c.components("up").items() if k in method.trainable)
+        dense = c.components("down").get("residual", 0)
         out += [
             "",
-            "FedEx-LoRA: this simulator sends the dense accumulated residual (m x n per module) in every",
+            f"{method.label}: this simulator sends the dense accumulated residual (m x n per module) in "
+            "every",
             f"  download: {_params(dense)} params per client per round.",
             f"  Sent in factored form instead (the stacked B_i and A_i of all K={num_clients} clients, rank "
-            f"K*r={num_clients * fedex.rank}),",
+            f"K*r={num_clients * c.rank}),",
             f"  each client would download K*r*(m+n) = {_params(factored)} params per round, which is also",
             f"  K x one client's A_i, B_i upload ({_params(adapter_up)}); that is "
-            f"{factored / reference.down:,.2f}x Fed-SB's per-round download.",
+            f"{factored / reference.down:,.2f}x {ref_label}'s per-round download.",
             "  The Fed-SB paper counts FedEx-LoRA this way; see docs/communication.md.",
         ]
     return "\n".join(out)
@@ -186,7 +192,7 @@ def format_comm(target: comm.AccountingModel, task: str, targets: Sequence[str] 
 
 def _comm_run(args: argparse.Namespace) -> int:
     methods = parse_methods(args.method)
-    ranks = parse_ranks(args.rank, methods)
+    ranks = parse_ranks(args.rank, [*methods, args.reference])
     targets = [t.strip() for t in args.targets.split(",") if t.strip()] if args.targets else None
     if args.clients <= 0 or args.bytes_per_element <= 0:
         raise ValueError("--clients and --bytes-per-element must be positive")
@@ -195,8 +201,8 @@ def _comm_run(args: argparse.Namespace) -> int:
     init_gradients = args.init_source == "clients"
     counts = comm.count_methods(target.model, methods, ranks, targets, args.clients, args.bytes_per_element,
                                 init_gradients)
-    reference = counts.get(REFERENCE_METHOD) or comm.count(
-        target.model, REFERENCE_METHOD, ranks[REFERENCE_METHOD], targets, args.clients,
+    reference = counts.get(args.reference) or comm.count(
+        target.model, args.reference, ranks[args.reference], targets, args.clients,
         args.bytes_per_element, init_gradients)
     if args.json:
         report = {"model": args.model, "task": task, "counts": {m: c.to_dict() for m, c in counts.items()}}
