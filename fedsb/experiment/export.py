@@ -13,19 +13,9 @@ from fedsb.methods.base import FederatedMethod
 
 
 def peft_lora_tensors(method: FederatedMethod, state: State) -> dict[str, dict[str, torch.Tensor]]:
-    """Per module, the (lora_A, lora_B) pair that PEFT's LoRA holds for this state.
-
-    LoRA methods export A and B as they are. Fed-SB exports lora_B = B R and lora_A = A with the
-    same scale, so PEFT's s * lora_B lora_A equals s * B R A. FedEx-LoRA's dense residual is not
-    low-rank and is exported separately (see `export_adapter`).
-    """
-    pairs = {}
-    for name in method.specs:
-        b = state[key(name, "lora_B")]
-        if method.adapter_kind == "lora_sb":
-            b = b @ state[key(name, "lora_R")]
-        pairs[name] = {"lora_A": state[key(name, "lora_A")], "lora_B": b}
-    return pairs
+    """Per module, the (lora_A, lora_B) pair that PEFT's LoRA holds for this state (the method says
+    how its adapter maps to one). A dense residual is not low-rank and is exported separately."""
+    return {name: method.peft_lora_pair(state, name) for name in method.specs}
 
 
 @torch.no_grad()
@@ -67,11 +57,5 @@ def export_adapter(run_dir: Path, base_model: nn.Module, method: FederatedMethod
 
 
 def _export_note(method: FederatedMethod) -> str:
-    note = (f"# fedsb export: method {method.name}, rank {method.rank}, alpha {method.alpha}\n\n"
-            "Load with `PeftModel.from_pretrained(base_model, this_dir)`.\n")
-    if method.adapter_kind == "lora_sb":
-        note += "Fed-SB's B R A is stored as PEFT lora_B = B R, lora_A = A (same scale): exact.\n"
-    if method.residual:
-        note += ("FedEx-LoRA's accumulated residual is dense (not low-rank), so this adapter alone is "
-                 "NOT the trained model: ../merged/ holds the exact merged model (save_pretrained).\n")
-    return note
+    return (f"# fedsb export: method {method.name}, rank {method.rank}, alpha {method.alpha}\n\n"
+            "Load with `PeftModel.from_pretrained(base_model, this_dir)`.\n" + method.export_note())

@@ -150,6 +150,17 @@ class FederatedMethod:
             for name, spec in self.specs.items()
         }
 
+    def peft_lora_pair(self, state: State, module: str) -> dict[str, torch.Tensor]:
+        """The (lora_A, lora_B) pair that PEFT's LoRA holds for this module's adapter (same scale)."""
+        return {"lora_A": state[key(module, "lora_A")], "lora_B": state[key(module, "lora_B")]}
+
+    def export_note(self) -> str:
+        """What a user loading the exported PEFT adapter must know about this method."""
+        if self.residual:
+            return (f"{self.label}'s accumulated residual is dense (not low-rank), so this adapter alone is "
+                    "NOT the trained model: ../merged/ holds the exact merged model (save_pretrained).\n")
+        return ""
+
     def parameters_per_round(self) -> int:
         """Adapter parameters one client uploads per round (closed form; head excluded)."""
         return sum(math.prod(shape) for shape in self.component_shapes(self.trainable).values())

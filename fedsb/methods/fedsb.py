@@ -9,7 +9,7 @@ from collections.abc import Mapping
 
 import torch
 
-from fedsb.core.adapters import State
+from fedsb.core.adapters import State, key
 from fedsb.core.init import lora_sb_init
 from fedsb.methods.base import FederatedMethod
 
@@ -32,3 +32,11 @@ class FedSB(FederatedMethod):
             raise ValueError("Fed-SB needs lr_eff, the first-update estimate's learning rate "
                              "(the config's init_lr: train.lr / a client's steps in the run)")
         return lora_sb_init(gradients, self.rank, self.scale, lr_eff, generator)
+
+    def peft_lora_pair(self, state: State, module: str) -> dict[str, torch.Tensor]:
+        """PEFT's lora_B = B R and lora_A = A, with the same scale: s B R A exactly."""
+        b, r, a = (state[key(module, c)] for c in ("lora_B", "lora_R", "lora_A"))
+        return {"lora_A": a, "lora_B": b @ r}
+
+    def export_note(self) -> str:
+        return "Fed-SB's B R A is stored as PEFT lora_B = B R, lora_A = A (same scale): exact.\n"
