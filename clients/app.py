@@ -21,7 +21,8 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedsb.core.adapters import State
-from fedsb.experiment.config import ExperimentConfig, from_run_config
+from fedsb.experiment.config import ExperimentConfig
+from fedsb.experiment.run_config import from_run_config
 from fedsb.experiment.worker import Worker, get_worker, quiet_libraries
 from fedsb.federation.protocol import (
     ADAPTER_RECORD,

@@ -231,7 +231,8 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _demo_run(args: argparse.Namespace) -> int:
-    from fedsb.experiment.config import format_override_list, parse_override
+    from fedsb.experiment.config import parse_override
+    from fedsb.experiment.run_config import format_override_list
     from fedsb.federation.inprocess import run_in_process
 
     overrides = dict(DEMO_SETTINGS)

@@ -18,11 +18,12 @@ from flwr.supercore import log
 
 from fedsb.core.models import load_model
 from fedsb.experiment.cohort import sample_clients
-from fedsb.experiment.config import ExperimentConfig, from_run_config
+from fedsb.experiment.config import ExperimentConfig
 from fedsb.experiment.export import export_adapter
 from fedsb.experiment.meter import Meter
 from fedsb.experiment.recorder import RunRecorder, plot_partition
 from fedsb.experiment.report import epsilon_metrics, privacy_summary, run_label, run_setting
+from fedsb.experiment.run_config import from_run_config
 from fedsb.experiment.rundir import run_dir_for, write_config
 from fedsb.experiment.summary import RunSummary
 from fedsb.experiment.worker import Worker, get_worker, quiet_libraries

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from fedsb.experiment.config import ConfigError, from_run_config, load_config, parse_override
+from fedsb.experiment.config import ConfigError, load_config, parse_override
+from fedsb.experiment.run_config import from_run_config
 
 
 def test_defaults_and_derived_values():

@@ -14,7 +14,8 @@ from flwr.app import MessageType, RecordDict
 from fedsb.cli import main as fedsb_main
 from fedsb.core.adapters import key
 from fedsb.experiment.comm import closed_form, head_shapes
-from fedsb.experiment.config import ConfigError, from_run_config
+from fedsb.experiment.config import ConfigError
+from fedsb.experiment.run_config import from_run_config
 from fedsb.experiment.summary import read_metrics
 from fedsb.experiment.worker import get_worker
 from fedsb.federation.inprocess import InProcessGrid, run_in_process
@@ -341,7 +342,7 @@ def test_real_flwr_run_and_the_in_process_run_are_the_same_run(tmp_path):
     same config gives the same metrics, bytes, summary and final adapter, to the bit."""
     from safetensors.torch import load_file
 
-    from fedsb.experiment.config import format_override_list
+    from fedsb.experiment.run_config import format_override_list
     from fedsb.ops.launch import run_simulation
 
     overrides = {"method.name": "ffa"}

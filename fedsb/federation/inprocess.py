@@ -76,7 +76,7 @@ def run_in_process(run_config: Mapping[str, Any], num_nodes: int | None = None, 
                    ) -> tuple[InProcessGrid, ServerRun]:
     """One whole run of the ServerApp (`server.app.run_server`) over an in-process grid of num_nodes
     virtual clients (default: the config's federation.num_clients, as `fedsb run` starts)."""
-    from fedsb.experiment.config import from_run_config
+    from fedsb.experiment.run_config import from_run_config
     from server.app import APP_DIR, run_server
 
     if num_nodes is None:

@@ -1,0 +1,107 @@
+"""Validation of an experiment config: range and cross-field checks, before anything starts.
+
+Every error is a ConfigError whose message is one line naming the key and what is accepted.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fedsb.experiment.config import ExperimentConfig
+
+
+class ConfigError(ValueError):
+    """A bad config value: the message names the key and what is accepted."""
+
+
+def _require(condition: bool, key: str, value: Any, accepted: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: got {value!r}; accepted: {accepted}")
+
+
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:[0-9]+)?)$")
+
+
+def _check_device(device: str) -> None:
+    """model.device names a device this machine has (one line naming what it has otherwise)."""
+    _require(bool(DEVICE_PATTERN.match(device)), "model.device", device, "'auto', 'cpu', 'cuda' or 'cuda:N'")
+    if not device.startswith("cuda"):
+        return
+    import torch  # only here: the launcher validates configs without loading torch when it can
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = int(device.partition(":")[2] or 0)
+    _require(index < count, "model.device", device,
+             "'auto' or 'cpu' (this machine has no CUDA device)" if count == 0
+             else f"'auto', 'cpu', or cuda:0..cuda:{count - 1} (this machine has {count} CUDA device(s))")
+
+
+def uses_init_gradients(c: ExperimentConfig) -> bool:
+    """Whether the config's method has a gradient-based init (so method.init.source matters).
+
+    Asks the method class, which imports torch: only called where the answer changes a check."""
+    from fedsb.methods import get_method
+
+    return get_method(c.method.name).init_gradients
+
+
+def validate(c: ExperimentConfig) -> None:
+    """Range checks and cross-field checks; file existence for local data."""
+    _require(c.model.max_length >= 8, "model.max_length", c.model.max_length, "an integer >= 8")
+    _check_device(c.model.device)
+    from fedsb.methods import method_names  # torch-free: the registry imports a method when it is built
+
+    _require(c.method.name in method_names(), "method.name", c.method.name,
+             "one of " + ", ".join(repr(n) for n in method_names()))
+    _require(c.method.rank > 0, "method.rank", c.method.rank, "a positive integer")
+    _require(c.method.alpha is None or c.method.alpha > 0, "method.alpha", c.method.alpha,
+             "a positive number or null")
+    _require(c.method.init.num_samples > 0, "method.init.num_samples", c.method.init.num_samples,
+             "a positive integer")
+    _require(c.federation.num_clients >= 1, "federation.num_clients", c.federation.num_clients,
+             "an integer >= 1")
+    _require(c.federation.rounds >= 1, "federation.rounds", c.federation.rounds, "an integer >= 1")
+    cpr = c.federation.clients_per_round
+    _require(0 < cpr <= 1 or (cpr > 1 and float(cpr).is_integer() and cpr <= c.federation.num_clients),
+             "federation.clients_per_round", cpr,
+             f"a fraction in (0, 1] or a count <= federation.num_clients ({c.federation.num_clients})")
+    _require(c.train.local_steps >= 1, "train.local_steps", c.train.local_steps, "an integer >= 1")
+    _require(c.train.batch_size >= 1, "train.batch_size", c.train.batch_size, "an integer >= 1")
+    _require(c.train.lr > 0, "train.lr", c.train.lr, "a positive number")
+    _require(c.eval.batch_size >= 1, "eval.batch_size", c.eval.batch_size, "an integer >= 1")
+    _require(c.partition.alpha > 0, "partition.alpha", c.partition.alpha, "a positive number")
+    _require(c.partition.classes_per_client >= 1, "partition.classes_per_client",
+             c.partition.classes_per_client, "an integer >= 1")
+    _require(0 < c.data.test_fraction < 1, "data.test_fraction", c.data.test_fraction,
+             "a number in (0, 1)")
+    _require(c.data.num_examples >= 0, "data.num_examples", c.data.num_examples, "an integer >= 0")
+    _require(c.data.num_classes >= 2, "data.num_classes", c.data.num_classes, "an integer >= 2")
+    _require(0 < c.data.val_fraction < 1, "data.val_fraction", c.data.val_fraction, "a number in (0, 1)")
+    _require(c.data.max_val_examples >= 0, "data.max_val_examples", c.data.max_val_examples,
+             "an integer >= 0")
+    source = c.data.source
+    if source != "synthetic" and not source.startswith("hf:"):
+        _require(Path(source).expanduser().is_file(), "data.source", source,
+                 "'synthetic', 'hf:<dataset name>', or an existing csv/tsv/json/jsonl/parquet file")
+    for name in ("test_file", "val_file"):
+        value = getattr(c.data, name)
+        if value is not None:
+            _require(Path(value).expanduser().is_file(), f"data.{name}", value, "an existing file or null")
+    # privacy (fedsb.training.privacy.policy) -------------------------------------------------------
+    pv = c.privacy
+    _require(pv.epsilon > 0, "privacy.epsilon", pv.epsilon, "a positive number")
+    _require(pv.delta is None or 0 < pv.delta < 1, "privacy.delta", pv.delta, "a number in (0, 1) or null")
+    _require(pv.max_grad_norm > 0, "privacy.max_grad_norm", pv.max_grad_norm, "a positive number")
+    _require(pv.init_noise_multiplier > 0, "privacy.init_noise_multiplier", pv.init_noise_multiplier,
+             "a positive number")
+    _require(pv.calibration_rounds is None or 1 <= pv.calibration_rounds <= c.federation.rounds,
+             "privacy.calibration_rounds", pv.calibration_rounds,
+             f"null or an integer in 1..federation.rounds ({c.federation.rounds})")
+    # The pooled init sees every client's raw data in one place: no DP guarantee covers it.
+    _require(not (pv.enabled and c.method.init.source == "pooled" and not pv.allow_pooled_init
+                  and uses_init_gradients(c)), "method.init.source", c.method.init.source,
+             "'server' or 'clients' with privacy.enabled (or set privacy.allow_pooled_init=true; "
+             "the run is then not private)")
