@@ -16,11 +16,12 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 from fedsb.core.models import load_model
+from fedsb.data.partition import plot_partition
 from fedsb.experiment.cohort import sample_clients
 from fedsb.experiment.config import ExperimentConfig, from_run_config
 from fedsb.experiment.export import export_adapter
 from fedsb.experiment.meter import Meter
-from fedsb.experiment.recorder import RunRecorder, plot_partition
+from fedsb.experiment.recorder import RunRecorder
 from fedsb.experiment.rundir import run_dir_for, write_config
 from fedsb.experiment.worker import Worker, get_worker, quiet_libraries
 from fedsb.federation.protocol import INIT_RECORD, NUM_EXAMPLES, meter_message, to_record, to_state
@@ -53,7 +54,7 @@ def run_server(grid: Grid, run_config: dict[str, Any]) -> FedsbStrategy:
     log(INFO, "[%s] run directory %s", label, run_dir)
 
     worker = get_worker(config)
-    plot_partition(run_dir, worker.data.stats(), worker.data.label_names)
+    plot_partition(run_dir, worker.data.partitions, worker.data.label_names)
     nodes = discover_clients(grid, config.federation.num_clients, float(run_config.get("node-wait-s", 60)))
     meter = Meter()
     recorder = RunRecorder(run_dir, meter, label, log=lambda line: log(INFO, line))
