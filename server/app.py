@@ -17,11 +17,12 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 from fedsb.core.models import load_model
+from fedsb.data.partition import plot_partition
 from fedsb.experiment.cohort import sample_clients
 from fedsb.experiment.config import ExperimentConfig
 from fedsb.experiment.export import export_adapter
 from fedsb.experiment.meter import Meter
-from fedsb.experiment.recorder import RunRecorder, plot_partition
+from fedsb.experiment.recorder import RunRecorder
 from fedsb.experiment.report import epsilon_metrics, privacy_summary, run_label, run_setting
 from fedsb.experiment.run_config import from_run_config
 from fedsb.experiment.rundir import run_dir_for, write_config
@@ -75,7 +76,7 @@ def run_server(grid: Grid, run_config: dict[str, Any]) -> ServerRun:
     worker = get_worker(config)
     label = run_label(config, worker)
     log(INFO, "[%s] run directory %s", label, run_dir)
-    plot_partition(run_dir, worker.data.stats(), worker.data.label_names)
+    plot_partition(run_dir, worker.data.partitions, worker.data.label_names)
     nodes = discover_clients(grid, config.federation.num_clients, float(run_config.get("node-wait-s", 60)))
     meter = Meter()
     recorder = RunRecorder(run_dir, meter, label, log=lambda line: log(INFO, line))

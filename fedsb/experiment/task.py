@@ -6,14 +6,8 @@ from dataclasses import dataclass
 
 from datasets import Dataset
 
-from fedsb.data.sources import (
-    load_file,
-    load_task,
-    partition_dataset,
-    partition_stats,
-    split_train_test,
-    subsample,
-)
+from fedsb.data.partition import partition_dataset, partition_stats
+from fedsb.data.sources import load_file, load_task, split_train_test, subsample
 from fedsb.experiment.config import ExperimentConfig
 
 # The server-held split used for the LoRA-SB init (init.source = server) is carved out of the

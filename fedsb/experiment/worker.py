@@ -19,10 +19,7 @@ from datasets import Dataset
 from fedsb.core.adapters import COMPONENTS, HEAD, State, extract_state, load_state
 from fedsb.core.init import accumulate_gradients
 from fedsb.core.models import find_target_modules, load_model, load_tokenizer, resolve_device, resolve_dtype
-from fedsb.data.sources import (
-    iterate_batches,
-    tokenize,
-)
+from fedsb.data.tokens import iterate_batches, tokenize
 from fedsb.experiment.cohort import hash_seed
 from fedsb.experiment.config import ExperimentConfig
 from fedsb.experiment.task import load_task_data
