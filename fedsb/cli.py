@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import fedsb.analysis.plots as plots
 import fedsb.analysis.sweep as sweep
 import fedsb.experiment.comm as comm
-import fedsb.ops.deploy as deploy
+import fedsb.ops.deploy.cli as deploy_cli
 from fedsb.core.models import TASKS, TINY_MODELS, find_target_modules
 from fedsb.methods import get_method, method_names
 from fedsb.ops.launch import add_launch_arguments
@@ -275,7 +275,7 @@ SUBCOMMANDS: list[Subcommand] = [
     Subcommand("run", "one Flower simulation (flwr run) of a config; waits for the run's final status",
                _run_arguments, _run_run),
     Subcommand("deploy-local", "run the app on a local SuperLink + N SuperNodes (process isolation, TLS, "
-               "SuperNode authentication)", deploy.add_arguments, deploy.run),
+               "SuperNode authentication)", deploy_cli.add_arguments, deploy_cli.run),
     Subcommand("comm", "closed-form communication per method: parameters and bytes per round, "
                "per client and for all K clients, and one-time init", _comm_arguments, _comm_run),
     Subcommand("demo", "a short in-process run of the four methods on the packaged MiniLM",

@@ -2,7 +2,7 @@
 # Credentials for the multi-node deployment (docker-compose.yml, or SuperLink and SuperNodes on
 # separate hosts); see docs/multinode.md.
 #
-#   scripts/gen-certs.sh [--nodes N] [--out DIR] [--host NAME_OR_IP]... [--force]
+#   scripts/gen-certs.sh [--nodes N] [--out DIR] [--host NAME_OR_IP]... [--days D] [--force]
 #
 # Writes into DIR (default: ./certs):
 #   ca.crt, ca.key            a self-signed CA (EC P-384); ca.crt is what every client trusts
@@ -10,9 +10,13 @@
 #                             localhost, 127.0.0.1, superlink (the compose service) and every --host
 #   supernode-<i>, .pub       SuperNode i's key pair (OpenSSH ECDSA P-384, what flwr 1.41 takes for
 #                             --auth-supernode-private-key and `flwr supernode register`), i = 1..N
-# N defaults to $NUM_SUPERNODES, else 2. Needs openssl and ssh-keygen.
+# N defaults to $NUM_SUPERNODES, else 2; certificates are valid for D days (default 365).
 # The CA and existing SuperNode keys are kept (so adding nodes later keeps what is registered)
 # unless --force; the SuperLink certificate is remade every time (pass every --host each time).
+#
+# The files are made by fedsb's own generator (fedsb/ops/deploy/credentials.py, through
+# `python -m fedsb.ops.deploy certs`, from this checkout), the one the local deployment uses.
+# It runs with $PYTHON (default python3), which needs the `cryptography` package (flwr brings it).
 #
 # The official Flower images run as uid 49999: before `docker compose up`, make the private keys
 # readable for it:  sudo chown -R 49999:49999 certs   (the .crt/.pem/.pub files stay world-readable).
@@ -31,56 +35,23 @@ while [ $# -gt 0 ]; do
     --host) hosts+=("$2"); shift 2 ;;
     --days) days="$2"; shift 2 ;;
     --force) force=1; shift ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
     *) echo "gen-certs.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
 case "$nodes" in ''|*[!0-9]*) echo "gen-certs.sh: --nodes needs a number, got '$nodes'" >&2; exit 2 ;; esac
+case "$days" in ''|*[!0-9]*) echo "gen-certs.sh: --days needs a number, got '$days'" >&2; exit 2 ;; esac
 
-for tool in openssl ssh-keygen; do
-  command -v "$tool" >/dev/null || { echo "gen-certs.sh: $tool is required" >&2; exit 1; }
-done
+python="${PYTHON:-python3}"
+command -v "$python" >/dev/null || { echo "gen-certs.sh: $python is required (set PYTHON)" >&2; exit 1; }
+"$python" -c "import cryptography" 2>/dev/null || {
+  echo "gen-certs.sh: $python cannot import cryptography (pip install cryptography, or install fedsb)" >&2
+  exit 1
+}
 
-mkdir -p "$out"
-umask 077
-
-if [ "$force" = 1 ] || [ ! -f "$out/ca.crt" ] || [ ! -f "$out/ca.key" ]; then
-  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-384 -nodes \
-    -keyout "$out/ca.key" -out "$out/ca.crt" -days "$days" -sha256 \
-    -subj "/CN=fedsb deployment CA" \
-    -addext "basicConstraints=critical,CA:TRUE,pathlen:0" \
-    -addext "keyUsage=critical,keyCertSign,cRLSign" 2>/dev/null
-  chmod 644 "$out/ca.crt"
-  echo "wrote $out/ca.crt (CA)"
-fi
-
-san=""
-for h in "${hosts[@]}"; do
-  if [[ "$h" =~ ^[0-9.]+$ || "$h" == *:* ]]; then san+="IP:$h,"; else san+="DNS:$h,"; fi
-done
-san="${san%,}"
-
-# The SuperLink certificate is remade on every call (the CA stays, so nothing else changes), so a
-# new --host takes effect at once.
-ext="$(mktemp)"
-trap 'rm -f "$ext" "$out/server.csr" "$out/ca.srl"' EXIT
-printf '%s\n' "subjectAltName=$san" "basicConstraints=critical,CA:FALSE" \
-  "keyUsage=critical,digitalSignature" "extendedKeyUsage=serverAuth" > "$ext"
-openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-384 -nodes \
-  -keyout "$out/server.key" -out "$out/server.csr" -subj "/CN=${hosts[0]}" 2>/dev/null
-openssl x509 -req -in "$out/server.csr" -CA "$out/ca.crt" -CAkey "$out/ca.key" -CAcreateserial \
-  -out "$out/server.pem" -days "$days" -sha256 -extfile "$ext" 2>/dev/null
-chmod 644 "$out/server.pem"
-echo "wrote $out/server.pem (SuperLink certificate for $san)"
-
-for i in $(seq 1 "$nodes"); do
-  key="$out/supernode-$i"
-  if [ "$force" = 1 ] || [ ! -f "$key" ]; then
-    rm -f "$key" "$key.pub"
-    ssh-keygen -q -t ecdsa -b 384 -N "" -C "supernode-$i" -f "$key"
-    chmod 644 "$key.pub"
-    echo "wrote $key, $key.pub (SuperNode $i key pair)"
-  fi
-done
-
-echo "done: $out holds the CA, the SuperLink certificate and $nodes SuperNode key pair(s)"
+# This checkout's fedsb first on the path, so the script works without installing the project.
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+args=(certs "$out" --nodes "$nodes" --days "$days")
+for h in "${hosts[@]}"; do args+=(--host "$h"); done
+if [ "$force" != 1 ]; then args+=(--keep-existing); fi
+PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" exec "$python" -m fedsb.ops.deploy "${args[@]}"

@@ -28,8 +28,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-import fedsb.ops.deploy as deploy
-from fedsb.ops.deploy import Credentials, LocalDeployment
+import fedsb.ops.deploy.cli as deploy_cli
+from fedsb.ops.deploy.credentials import Credentials, generate_credentials
+from fedsb.ops.deploy.local import CONNECTION, FINAL_OK, LocalDeployment
+from fedsb.ops.flwr_cli import write_run_config
+from fedsb.ops.processes import free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -261,8 +264,8 @@ def _check_credentials(directory: Path, nodes: list[str], host_ip: str = "127.0.
 
 
 def test_generate_credentials(tmp_path):
-    creds = deploy.generate_credentials(tmp_path, hosts=("localhost", "127.0.0.1", "superlink"),
-                                        node_names=["supernode-1", "supernode-2"])
+    creds = generate_credentials(tmp_path, hosts=("localhost", "127.0.0.1", "superlink"),
+                                 node_names=["supernode-1", "supernode-2"])
     assert creds.ca_cert.is_file() and creds.node_key("supernode-1")[1].is_file()
     _check_credentials(tmp_path, ["supernode-1", "supernode-2"])
 
@@ -290,13 +293,13 @@ def test_gen_certs_script(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 def test_parse_sets_and_run_config_file(tmp_path):
-    sets = deploy.parse_sets(["num-rounds=3", "method=fedsb", "node-wait-s=2.5", "flag=true",
-                              "output-dir=/tmp/a b", 'overrides="train.lr=0.1; seed=3"'])
+    sets = deploy_cli.parse_sets(["num-rounds=3", "method=fedsb", "node-wait-s=2.5", "flag=true",
+                                  "output-dir=/tmp/a b", 'overrides="train.lr=0.1; seed=3"'])
     assert sets == {"num-rounds": 3, "method": "fedsb", "node-wait-s": 2.5, "flag": True,
                     "output-dir": "/tmp/a b", "overrides": "train.lr=0.1; seed=3"}
     with pytest.raises(ValueError):
-        deploy.parse_sets(["no-equals-sign"])
-    path = deploy.write_run_config(tmp_path / "rc.toml", {**sets, "path": 'C:\\x "quoted"'})
+        deploy_cli.parse_sets(["no-equals-sign"])
+    path = write_run_config(tmp_path / "rc.toml", {**sets, "path": 'C:\\x "quoted"'})
     try:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
@@ -306,14 +309,14 @@ def test_parse_sets_and_run_config_file(tmp_path):
 
 def test_cli_hook_arguments():
     parser = argparse.ArgumentParser()
-    deploy.add_arguments(parser)
+    deploy_cli.add_arguments(parser)
     args = parser.parse_args(["--nodes", "3", "--config", "x.yaml", "--set", "num-rounds=2", "--no-tls"])
     assert (args.nodes, args.config, args.set, args.no_tls) == (3, "x.yaml", ["num-rounds=2"], True)
-    assert deploy.run(parser.parse_args(["--set", "broken"])) == 2  # a usage error, nothing started
+    assert deploy_cli.run(parser.parse_args(["--set", "broken"])) == 2  # a usage error, nothing started
 
 
 def test_free_ports_are_in_the_deployment_range():
-    ports = deploy.free_ports(3)
+    ports = free_ports(3)
     assert len(set(ports)) == 3 and all(41000 <= p <= 41999 for p in ports)
 
 
@@ -364,7 +367,7 @@ def deployment() -> DeploymentOutcome:
         dep.stream_log(run_id)
         info = dep.wait_run(run_id, timeout=900)
         run_log = dep.save_log(run_id).read_text()
-        completed = info.get("status") == deploy.FINAL_OK
+        completed = info.get("status") == FINAL_OK
         yield DeploymentOutcome(workdir, run_id, info, run_log, run_dir,
                                 {h.name: h.node_id for h in members}, online_before_run, refused)
     finally:
@@ -388,7 +391,7 @@ def _context(outcome: DeploymentOutcome) -> str:
 
 @pytest.mark.slow
 def test_deployment_run_completed(deployment):
-    assert deployment.info["status"] == deploy.FINAL_OK, _context(deployment)
+    assert deployment.info["status"] == FINAL_OK, _context(deployment)
     assert set(deployment.members.values()) <= deployment.online_before_run
     summary = json.loads((deployment.run_dir / "summary.json").read_text())
     assert summary["rounds_completed"] == 2 and summary["method"] == "fedsb"
@@ -396,7 +399,7 @@ def test_deployment_run_completed(deployment):
 
 @pytest.mark.slow
 def test_both_authorised_nodes_trained_and_were_metered(deployment):
-    assert deployment.info["status"] == deploy.FINAL_OK, _context(deployment)
+    assert deployment.info["status"] == FINAL_OK, _context(deployment)
     rows = _comm_rows(deployment.run_dir)
     for client in ("0", "1"):
         for rnd in ("1", "2"):
@@ -429,7 +432,7 @@ def test_supernode_without_tls_cannot_connect(deployment):
 
 @pytest.mark.slow
 def test_run_went_on_with_the_authorised_nodes_only(deployment):
-    assert deployment.info["status"] == deploy.FINAL_OK, _context(deployment)
+    assert deployment.info["status"] == FINAL_OK, _context(deployment)
     assert "2 of 3 clients connected; going on with partitions [0, 1]" in deployment.run_log
     assert {r["client"] for r in _comm_rows(deployment.run_dir)} == {"0", "1"}
     summary = json.loads((deployment.run_dir / "summary.json").read_text())
@@ -464,7 +467,7 @@ def test_compose_credentials_and_registration_work_with_flwr_and_everything_stop
         again = subprocess.run(["/bin/sh", "-c", script], capture_output=True, text=True, env=env,
                                timeout=300)
         assert again.returncode == 0, again.stderr  # already registered keys are fine
-        nodes = dep.flwr("supernode", "ls", deploy.CONNECTION)["nodes"]
+        nodes = dep.flwr("supernode", "ls", CONNECTION)["nodes"]
         assert len(nodes) == 2
         node = dep.add_supernode(0, 2, key=(certs / "supernode-1", certs / "supernode-1.pub"))
         dep.wait_nodes_online([node], timeout=90)

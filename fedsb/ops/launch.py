@@ -10,17 +10,16 @@ What it does, in order (each step is a Flower command line, not a Python import 
    <run dir>/flower.log) and wait for the run's final status, which `flwr ls` reports:
    `flwr run --stream` can exit 0 on a failed run, so the status is what counts;
 6. stop the run if it is still going, and stop the SuperLink and everything it started.
+
+Starting and stopping processes (fedsb.ops.processes) and running `flwr` (fedsb.ops.flwr_cli) are
+shared with the local deployment (fedsb.ops.deploy).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import os
 import shutil
-import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -32,10 +31,10 @@ from typing import Any
 
 from fedsb.experiment.config import ExperimentConfig, load_config
 from fedsb.experiment.rundir import run_dir_for, write_config
+from fedsb.ops.flwr_cli import COMPLETED, FINISHED, flower_env, run_flwr, write_connection
+from fedsb.ops.processes import free_ports, spawn, stop_processes, wait_until
 
 CONNECTION = "fedsb-local"  # the SuperLink connection name in the private FLWR_HOME
-FINISHED = "finished:"
-COMPLETED = "finished:completed"
 # Lines of the run log that carry no information for a person (the full log is kept).
 NOISE = ("FutureWarning", "warnings.warn(", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "Flattening the indices",
          "Loading weights", "LOAD REPORT", "classifier.", "Key  ", "------", "Notes:", "- MISSING",
@@ -64,45 +63,22 @@ def project_dir() -> Path:
     return root
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def flower_env(flwr_home: Path) -> dict[str, str]:
-    """The environment of every Flower process we start (the SuperLink keeps it for its runs)."""
-    return {**os.environ, "FLWR_HOME": str(flwr_home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-            "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1"}
-
-
 @contextlib.contextmanager
 def local_superlink(workdir: Path, log_file: Path, timeout_s: float = 90.0) -> Iterator[tuple[dict, int]]:
     """A private simulation SuperLink on a free port; stopped (with its process group) on exit."""
     home = workdir / "flwr-home"
     home.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-        f'address = "127.0.0.1:{port}"\ninsecure = true\n')
+    (port,) = free_ports(1, port_range=None)  # an ephemeral port from the OS
+    write_connection(home, CONNECTION, f"127.0.0.1:{port}")
     env = flower_env(home)
-    with open(log_file, "ab") as out:
-        process = subprocess.Popen(
-            ["flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",
-             "--host", "127.0.0.1", "--port", str(port), "--log-file", str(home / "superlink.log")],
-            cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True)  # its own process group: stopped as a whole below
+    argv = ["flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",
+            "--host", "127.0.0.1", "--port", str(port), "--log-file", str(home / "superlink.log")]
+    superlink = spawn("superlink", argv, log=log_file, cwd=workdir, env=env)  # stopped with its group
     try:
-        deadline = time.monotonic() + timeout_s
-        while not _healthy(port):
-            if process.poll() is not None:
-                raise RuntimeError(f"the SuperLink exited with code {process.returncode}; see {log_file}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the SuperLink was not healthy after {timeout_s:.0f} s; see {log_file}")
-            time.sleep(0.5)
+        wait_until(superlink, lambda: _healthy(port), timeout_s, "healthy", "the SuperLink", interval=0.5)
         yield env, port
     finally:
-        stop_process_group(process)
+        stop_processes([superlink], grace_s=10.0)
 
 
 def _healthy(port: int) -> bool:
@@ -111,30 +87,6 @@ def _healthy(port: int) -> bool:
             return response.status == 200
     except OSError:
         return False
-
-
-def signal_group(process: subprocess.Popen, sig: int) -> None:
-    """Signal a process started with start_new_session=True and everything in its group (the group
-    holds what it spawned, even after the leader exits)."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, sig)
-
-
-def stop_process_group(process: subprocess.Popen, grace_s: float = 10.0) -> None:
-    """SIGTERM the process's group, then SIGKILL whatever is left after `grace_s`."""
-    signal_group(process, signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(grace_s)
-    signal_group(process, signal.SIGKILL)
-    process.wait()
-
-
-def json_from(text: str) -> dict:
-    """The JSON object in a `flwr ... --format json` output (it may be preceded by other text)."""
-    start = text.find("{")
-    if start < 0:
-        raise ValueError("no JSON object in output")
-    return json.JSONDecoder().raw_decode(text[start:])[0]
 
 
 def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
@@ -146,19 +98,8 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the Flower app directory (default: the fedsb project root)")
 
 
-def flwr(args: list[str], env: Mapping[str, str], cwd: Path, timeout: float = 120) -> dict[str, Any]:
-    """Run a `flwr ... --format json` command and return its JSON reply."""
-    cp = subprocess.run(["flwr", *args, "--format", "json"], env=dict(env), cwd=cwd, capture_output=True,
-                        text=True, timeout=timeout, stdin=subprocess.DEVNULL)
-    try:
-        return json_from(cp.stdout)
-    except ValueError:
-        output = (cp.stdout + cp.stderr).strip()[-2000:]
-        raise RuntimeError(f"`flwr {' '.join(args)}` failed: {output}") from None
-
-
 def run_status(run_id: int, env: Mapping[str, str], cwd: Path) -> tuple[str, str]:
-    reply = flwr(["ls", "--run-id", str(run_id), CONNECTION], env, cwd)
+    reply = run_flwr(["ls", "--run-id", str(run_id), CONNECTION], env=env, cwd=cwd)
     if not reply.get("success", False) or not reply.get("runs"):
         return "unknown", str(reply.get("error-message", reply))
     run = reply["runs"][0]
@@ -205,8 +146,9 @@ def run_simulation(config_path: str | Path | None, overrides: Mapping[str, Any] 
     try:
         with local_superlink(workdir, log_file) as (env, _port):
             run_config = f"config='{run_dir / 'config.yaml'}' run-dir='{run_dir}'"
-            reply = flwr(["run", str(app_dir), CONNECTION, "--federation-config",
-                          _federation(config, cpus_per_client), "--run-config", run_config], env, workdir)
+            reply = run_flwr(["run", str(app_dir), CONNECTION, "--federation-config",
+                              _federation(config, cpus_per_client), "--run-config", run_config],
+                             env=env, cwd=workdir)
             if not reply.get("success"):
                 raise RuntimeError(f"flwr run refused the run: {reply.get('error-message', reply)}")
             run_id = int(reply["run-id"])
@@ -218,7 +160,7 @@ def run_simulation(config_path: str | Path | None, overrides: Mapping[str, Any] 
             finally:
                 if not status.startswith(FINISHED):  # interrupted or timed out: stop the run first
                     with contextlib.suppress(Exception):
-                        flwr(["stop", str(run_id), CONNECTION], env, workdir)
+                        run_flwr(["stop", str(run_id), CONNECTION], env=env, cwd=workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     outcome = RunOutcome(run_id, status, details, run_dir, time.monotonic() - start)

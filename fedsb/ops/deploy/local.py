@@ -1,11 +1,12 @@
-"""Run the fedsb Flower app on Flower's deployment engine, as processes on this machine.
+"""The fedsb Flower app on Flower's deployment engine, as processes on this machine.
 
 The topology is the one `docker-compose.yml` ships, without Docker: one SuperLink, one SuperExec
 that runs the ServerApp, and N SuperNodes, each with its own SuperExec for the ClientApps
 (`--isolation process` everywhere). By default the SuperLink serves TLS with a certificate made
-for this run, and only SuperNodes whose public keys were registered with `flwr supernode
-register` may join (`--enable-supernode-auth`). Everything listens on 127.0.0.1, on free ports
-in 41000-41999, and every process gets a private FLWR_HOME under the work directory.
+for this run (fedsb.ops.deploy.credentials), and only SuperNodes whose public keys were
+registered with `flwr supernode register` may join (`--enable-supernode-auth`). Everything
+listens on 127.0.0.1, on free ports in 41000-41999, and every process gets a private FLWR_HOME
+under the work directory.
 
 `deploy_local()` starts it all, submits one `flwr run`, waits for the run's final status (never
 trusting an exit code: the status comes from `flwr ls --run-id`), saves the run's log, and stops
@@ -20,232 +21,51 @@ flwr 1.41 facts this relies on (from its `--help` and source):
   registered first with `flwr supernode register KEY.pub CONNECTION`. The SuperNode signs its
   requests with `--auth-supernode-private-key` (an OpenSSH EC key on a NIST curve); the old
   `--auth-list-public-keys` and `--auth-supernode-public-key` flags are deprecated or refused.
-- `flwr ... --format json` exits 0 even when it failed: read `"success"` in its output.
 
-This module never imports flwr; it drives the installed commands through subprocesses.
+This module never imports flwr; it drives the installed commands through subprocesses
+(fedsb.ops.processes, fedsb.ops.flwr_cli). It is one file over 400 lines because
+LocalDeployment is one lifecycle (start, add nodes, run, stop) whose steps share its state.
 """
 
 from __future__ import annotations
 
-import argparse
 import atexit
+import contextlib
 import datetime as _dt
-import ipaddress
-import json
 import os
-import random
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedsb.experiment.config import parse_override
-from fedsb.ops.launch import json_from, project_dir, signal_group
+from fedsb.ops.deploy.credentials import Credentials, generate_credentials, generate_node_key
+from fedsb.ops.flwr_cli import COMPLETED, FlwrError, flower_env, run_flwr, write_connection, write_run_config
+from fedsb.ops.processes import (
+    PORT_RANGE,
+    Echo,
+    ManagedProcess,
+    ProcessError,
+    free_ports,
+    spawn,
+    stop_processes,
+    tail,
+    wait_for_port,
+)
 
-PORT_RANGE = (41000, 41999)
-CONNECTION = "fedsb-deploy"
-FINAL_OK = "finished:completed"
-# Environment for every Flower process: no per-run `uv sync` of the app's dependencies, no
-# telemetry, no update check (offline machines).
-FLOWER_ENV = {
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "PYTHONUNBUFFERED": "1",
-}
-
-Echo = Callable[[str], None]
+CONNECTION = "fedsb-deploy"  # the SuperLink connection name in the deployment's FLWR_HOME
+FINAL_OK = COMPLETED
 
 
-class DeployError(RuntimeError):
-    """A deployment step failed; the message names the step and points at its log."""
+class DeployError(ProcessError):
+    """A deployment step failed; the message names the step and points at its log. (Failures of
+    the processes and of `flwr` themselves are ProcessError and FlwrError, its siblings.)"""
 
 
 def _say(msg: str) -> None:
     print(f"[deploy] {msg}", flush=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# Credentials: a CA, a SuperLink certificate, SuperNode key pairs
-# ---------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Credentials:
-    directory: Path
-    ca_cert: Path
-    server_cert: Path
-    server_key: Path
-
-    def node_key(self, name: str) -> tuple[Path, Path]:
-        """(private, public) OpenSSH key files of SuperNode `name`."""
-        return self.directory / name, self.directory / f"{name}.pub"
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    path.write_bytes(data)
-    path.chmod(0o600)
-
-
-def generate_credentials(directory: str | os.PathLike, *, hosts: Sequence[str] = ("localhost", "127.0.0.1"),
-                         node_names: Iterable[str] = (), days: int = 365) -> Credentials:
-    """Write ca.crt, server.pem/server.key (for `hosts`) and one key pair per node name.
-
-    The same layout as scripts/gen-certs.sh: a self-signed CA (EC P-384), the SuperLink's server
-    certificate signed by it with every host as a subjectAltName (IP or DNS), and SuperNode
-    keys as OpenSSH ECDSA P-384 files `<name>` / `<name>.pub`.
-    """
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    now = _dt.datetime.now(_dt.timezone.utc) - _dt.timedelta(minutes=5)
-    until = now + _dt.timedelta(days=days)
-    pem = serialization.Encoding.PEM
-
-    ca_key = ec.generate_private_key(ec.SECP384R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedsb deployment CA")])
-    ca_cert = (
-        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
-        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now).not_valid_after(until)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                     content_commitment=False, key_encipherment=False,
-                                     data_encipherment=False, key_agreement=False,
-                                     encipher_only=False, decipher_only=False), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-
-    sans: list[x509.GeneralName] = []
-    for host in hosts:
-        try:
-            sans.append(x509.IPAddress(ipaddress.ip_address(host)))
-        except ValueError:
-            sans.append(x509.DNSName(host))
-    server_key = ec.generate_private_key(ec.SECP384R1())
-    server_cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
-        .issuer_name(ca_name).public_key(server_key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(now).not_valid_after(until)
-        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-                       critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-
-    (out / "ca.crt").write_bytes(ca_cert.public_bytes(pem))
-    _write_private(out / "ca.key", ca_key.private_bytes(
-        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    (out / "server.pem").write_bytes(server_cert.public_bytes(pem))
-    _write_private(out / "server.key", server_key.private_bytes(
-        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    creds = Credentials(out, out / "ca.crt", out / "server.pem", out / "server.key")
-    for name in node_names:
-        generate_node_key(out, name)
-    return creds
-
-
-def generate_node_key(directory: str | os.PathLike, name: str) -> tuple[Path, Path]:
-    """An OpenSSH ECDSA P-384 key pair `<name>`, `<name>.pub` (what flwr 1.41 accepts)."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    key = ec.generate_private_key(ec.SECP384R1())
-    private, public = out / name, out / f"{name}.pub"
-    _write_private(private, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                              serialization.NoEncryption()))
-    openssh = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                            serialization.PublicFormat.OpenSSH)
-    public.write_bytes(openssh + f" {name}\n".encode())
-    return private, public
-
-
-# ---------------------------------------------------------------------------------------------
-# Ports and processes
-# ---------------------------------------------------------------------------------------------
-
-def _port_is_free(port: int, host: str = "127.0.0.1") -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def free_ports(n: int, port_range: tuple[int, int] = PORT_RANGE, exclude: Iterable[int] = ()) -> list[int]:
-    """n distinct ports of `port_range` that are free on 127.0.0.1 now (random order, so two
-    deployments started at the same time rarely pick the same ones)."""
-    candidates = [p for p in range(port_range[0], port_range[1] + 1) if p not in set(exclude)]
-    random.SystemRandom().shuffle(candidates)
-    found = []
-    for port in candidates:
-        if _port_is_free(port):
-            found.append(port)
-            if len(found) == n:
-                return found
-    raise DeployError(f"fewer than {n} free ports in {port_range[0]}-{port_range[1]}")
-
-
-def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float, what: str, log: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise DeployError(f"{what} exited with code {proc.returncode} before listening on port {port}; "
-                              f"see {log}:\n{_tail(log)}")
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.settimeout(1.0)
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    raise DeployError(f"{what} did not listen on port {port} within {timeout:.0f} s; see {log}")
-
-
-def _tail(path: Path, lines: int = 15) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
-
-
-@dataclass
-class ManagedProcess:
-    name: str
-    argv: list[str]
-    proc: subprocess.Popen
-    log: Path
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def wait_exit(self, timeout: float) -> int | None:
-        """The exit code, or None if it is still running after `timeout` seconds."""
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return None
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
 
 
 @dataclass
@@ -257,49 +77,6 @@ class SuperNodeHandle:
     node_id: int | None  # known up front when the key was registered
     runtime_port: int
     authorised: bool = True  # False for nodes started to be refused
-
-
-def stop_processes(procs: Sequence[ManagedProcess], grace: float = 8.0, echo: Echo | None = None) -> None:
-    """SIGTERM every process group (last started first), wait up to `grace` seconds, then
-    SIGKILL what is left, and reap everything."""
-    for mp in reversed(procs):
-        signal_group(mp.proc, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    for mp in reversed(procs):
-        try:
-            mp.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            if echo:
-                echo(f"{mp.name} (pid {mp.pid}) ignored SIGTERM for {grace:.0f} s: SIGKILL")
-        # the group may outlive its leader: always finish it off
-        signal_group(mp.proc, signal.SIGKILL)
-        try:
-            mp.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:  # pragma: no cover - a process that survives SIGKILL
-            if echo:
-                echo(f"{mp.name} (pid {mp.pid}) is still there after SIGKILL")
-
-
-# ---------------------------------------------------------------------------------------------
-# The deployment
-# ---------------------------------------------------------------------------------------------
-
-def _toml_value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)  # a JSON string is a valid TOML basic string
-    raise TypeError(f"run-config values must be bool, int, float or str, got {type(value).__name__}")
-
-
-def write_run_config(path: Path, run_config: Mapping[str, object]) -> Path:
-    """Write run-config overrides as a TOML file (what `flwr run --run-config FILE.toml` reads;
-    safe for paths with spaces and quotes, unlike the inline `k=v` form)."""
-    lines = [f"{json.dumps(str(k))} = {_toml_value(v)}" for k, v in run_config.items()]
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 class LocalDeployment:
@@ -348,11 +125,7 @@ class LocalDeployment:
         return f"127.0.0.1:{self.superlink_port}"
 
     def env(self, flwr_home: Path | None = None) -> dict[str, str]:
-        env = dict(os.environ)
-        env.update(FLOWER_ENV)
-        env.update(self.extra_env)
-        env["FLWR_HOME"] = str(flwr_home or self.home)
-        return env
+        return flower_env(flwr_home or self.home, self.extra_env)
 
     def _ports(self, n: int) -> list[int]:
         ports = free_ports(n, self.port_range, exclude=self._used_ports)
@@ -364,31 +137,15 @@ class LocalDeployment:
         work directory (a neutral cwd: the app's code must come from the FAB, not from a cwd)."""
         if self._closing:
             raise DeployError("this deployment has been stopped")
-        log = self.logs / f"{name}.log"
-        with open(log, "ab") as out:
-            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    cwd=self.workdir, env=self.env(flwr_home), start_new_session=True)
-        mp = ManagedProcess(name, argv, proc, log)
+        mp = spawn(name, argv, log=self.logs / f"{name}.log", cwd=self.workdir, env=self.env(flwr_home))
         self.procs.append(mp)
-        self.echo(f"started {name} (pid {proc.pid}): {' '.join(argv)}")
+        self.echo(f"started {name} (pid {mp.pid}): {' '.join(argv)}")
         return mp
 
     def flwr(self, *args: str, timeout: float = 120, check: bool = True) -> dict:
-        """Run `flwr ARGS --format json` against this SuperLink and return the parsed JSON."""
-        argv = ["flwr", *args, "--format", "json"]
-        try:
-            cp = subprocess.run(argv, capture_output=True, text=True, cwd=self.workdir, env=self.env(),
-                                timeout=timeout, stdin=subprocess.DEVNULL)
-        except subprocess.TimeoutExpired as err:
-            raise DeployError(f"`{' '.join(argv)}` did not answer within {timeout:.0f} s") from err
-        try:
-            data = json_from(cp.stdout)
-        except ValueError:
-            data = {"success": False, "error-message": (cp.stdout + cp.stderr).strip()}
-        if check and not data.get("success", False):
-            raise DeployError(f"`{' '.join(argv)}` failed (exit {cp.returncode}): "
-                              f"{data.get('error-message') or cp.stderr.strip()}")
-        return data
+        """Run `flwr ARGS --format json` against this SuperLink and return the parsed JSON
+        (FlwrError on no reply, and with `check` on a reply that is not a success)."""
+        return run_flwr(args, env=self.env(), cwd=self.workdir, timeout=timeout, check=check)
 
     # -- the SuperLink ------------------------------------------------------------------------
     def start_superlink(self, timeout: float = 60, attempts: int = 3) -> ManagedProcess:
@@ -409,9 +166,9 @@ class LocalDeployment:
                 argv += ["--enable-supernode-auth"]
             mp = self.spawn("superlink", argv)
             try:
-                _wait_for_port(port, mp.proc, timeout, "the SuperLink", mp.log)
+                wait_for_port(mp, port, timeout, "the SuperLink")
                 break
-            except DeployError:
+            except ProcessError:
                 # the port was free when chosen; someone may have taken it since: try another one
                 if mp.alive() or attempt == attempts:
                     raise
@@ -423,14 +180,8 @@ class LocalDeployment:
         return mp
 
     def _write_cli_config(self) -> None:
-        lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]",
-                 f'address = "{self.superlink_address}"']
-        if self.tls:
-            assert self.creds is not None
-            lines.append(f"root-certificates = {json.dumps(str(self.creds.ca_cert))}")
-        else:
-            lines.append("insecure = true")
-        (self.home / "config.toml").write_text("\n".join(lines) + "\n")
+        ca_cert = self.creds.ca_cert if self.tls and self.creds is not None else None
+        write_connection(self.home, CONNECTION, self.superlink_address, root_certificates=ca_cert)
 
     def _tls_client_flags(self) -> list[str]:
         if self.tls:
@@ -496,7 +247,7 @@ class LocalDeployment:
         node = self.spawn(name, argv, flwr_home=home)
         executor = None
         if superexec:
-            _wait_for_port(runtime_port, node.proc, 60, name, node.log)
+            wait_for_port(node, runtime_port, 60)
             executor = self.spawn(f"superexec-{name}", [
                 "flower-superexec", "--runtime-api-address", f"127.0.0.1:{runtime_port}", "--insecure",
             ], flwr_home=home)
@@ -516,7 +267,7 @@ class LocalDeployment:
             for h in handles:
                 if not h.supernode.alive():
                     raise DeployError(f"{h.name} exited with code {h.supernode.proc.returncode}; "
-                                      f"see {h.supernode.log}:\n{_tail(h.supernode.log)}")
+                                      f"see {h.supernode.log}:\n{tail(h.supernode.log)}")
             online = self.online_nodes()
             known = {h.node_id for h in handles if h.node_id is not None}
             unknown = sum(1 for h in handles if h.node_id is None)
@@ -580,7 +331,8 @@ class LocalDeployment:
                     reported.add(h.name)
             if now > deadline:
                 self.echo(f"run {run_id} still '{last}' after {timeout:.0f} s: stopping it")
-                self.flwr("stop", str(run_id), CONNECTION, check=False)
+                with contextlib.suppress(FlwrError):  # the run is given up either way
+                    self.flwr("stop", str(run_id), CONNECTION, check=False)
                 return dict(info, status="timeout")
             time.sleep(0.5)
 
@@ -632,7 +384,7 @@ class LocalDeployment:
         alive = [mp for mp in self.procs if mp.alive()]
         if self.procs:
             self.echo(f"stopping {len(alive)} running process(es) of {len(self.procs)} started")
-        stop_processes(self.procs, grace=grace, echo=self.echo)
+        stop_processes(self.procs, grace_s=grace, echo=self.echo)
         self._stopped = True
         atexit.unregister(self.stop)
 
@@ -710,110 +462,3 @@ def deploy_local(app_dir: str | os.PathLike, *, nodes: int = 2,
             + f"; log saved to {log_path}")
     elapsed = time.monotonic() - t0
     return DeployResult(run_id, status, details, run_dir, work, log_path, elapsed, sorted(online))
-
-
-# ---------------------------------------------------------------------------------------------
-# `fedsb deploy-local` (registered in fedsb/cli.py)
-# ---------------------------------------------------------------------------------------------
-
-def parse_sets(items: Sequence[str] | None) -> dict[str, object]:
-    """`--set k=v` items into run-config overrides, values parsed as YAML (as `fedsb run --set`)."""
-    return dict(parse_override(item) for item in items or ())
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--nodes", type=int, default=2, metavar="N",
-                        help="SuperNodes to start, with partition ids 0..N-1 (default: %(default)s)")
-    parser.add_argument("--config", metavar="PATH",
-                        help="experiment YAML, passed to the app as its 'config' run-config value "
-                             "(default: the app's own default)")
-    parser.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
-                        help="override a run-config value of the Flower app (repeatable), e.g. "
-                             "--set num-rounds=3 --set method=fedsb")
-    parser.add_argument("--app-dir", default=None, metavar="DIR",
-                        help="the Flower app directory (default: the fedsb project root)")
-    parser.add_argument("--workdir", default=None, metavar="DIR",
-                        help="where certificates, keys, FLWR_HOMEs and logs go "
-                             "(default: a new /tmp/deploy-*)")
-    parser.add_argument("--no-tls", action="store_true",
-                        help="plain HTTP between all processes (implies --no-auth)")
-    parser.add_argument("--no-auth", action="store_true",
-                        help="let any SuperNode join (no key registration)")
-    parser.add_argument("--timeout", type=float, default=1800, metavar="S",
-                        help="stop the run if it has not finished after S seconds (default: %(default)s)")
-    parser.add_argument("--quiet", action="store_true", help="do not echo the run's log while it runs")
-
-
-def run(args: argparse.Namespace) -> int:
-    try:
-        overrides = parse_sets(args.set)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if args.nodes < 1:
-        print("error: --nodes must be at least 1", file=sys.stderr)
-        return 2
-    if args.config:
-        overrides["config"] = str(Path(args.config).resolve())
-    # In a deployment every SuperNode is one client: the federation has --nodes clients, unless
-    # the overrides say otherwise (then SuperNodes beyond those partitions are refused by the app).
-    extra = str(overrides.get("overrides", ""))
-    if "federation.num_clients" not in extra:
-        overrides["overrides"] = "; ".join(p for p in (extra, f"federation.num_clients={args.nodes}") if p)
-    app_dir = Path(args.app_dir) if args.app_dir else project_dir()
-    if not (app_dir / "pyproject.toml").is_file():
-        print(f"error: {app_dir} has no pyproject.toml (not a Flower app directory)", file=sys.stderr)
-        return 2
-
-    def _terminate(signum: int, _frame: object) -> None:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, _terminate)
-    try:
-        result = deploy_local(app_dir, nodes=args.nodes, run_config=overrides, workdir=args.workdir,
-                              tls=not args.no_tls, auth=not (args.no_auth or args.no_tls),
-                              timeout=args.timeout, stream=not args.quiet)
-    except KeyboardInterrupt:
-        print("[deploy] interrupted; every started process was stopped", file=sys.stderr)
-        return 130
-    except DeployError as err:
-        print(f"[deploy] error: {err}", file=sys.stderr)
-        return 1
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    print(json.dumps({"run-id": result.run_id, "status": result.status,
-                      "status-details": result.status_details, "run-dir": str(result.run_dir),
-                      "workdir": str(result.workdir),
-                      "log": str(result.log_path), "elapsed-s": round(result.elapsed_s, 1)}, indent=2))
-    return 0 if result.ok else 1
-
-
-# ---------------------------------------------------------------------------------------------
-# `python -m fedsb.ops.deploy`: credentials for docker-compose / separate hosts, key registration
-# ---------------------------------------------------------------------------------------------
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fedsb.ops.deploy", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    local = sub.add_parser("local", help="the same as `fedsb deploy-local`")
-    add_arguments(local)
-    certs = sub.add_parser("certs", help="write ca.crt, server.pem/.key and SuperNode key pairs")
-    certs.add_argument("directory")
-    certs.add_argument("--nodes", type=int, default=2)
-    certs.add_argument("--host", action="append", default=None,
-                       help="a name or IP the SuperLink is reached at (repeatable; "
-                            "default: localhost, 127.0.0.1, superlink)")
-    args = parser.parse_args(argv)
-    if args.command == "local":
-        return run(args)
-    hosts = args.host or ["localhost", "127.0.0.1", "superlink"]
-    creds = generate_credentials(args.directory, hosts=hosts,
-                                 node_names=[f"supernode-{i}" for i in range(1, args.nodes + 1)])
-    print(f"wrote {creds.ca_cert}, {creds.server_cert}, {creds.server_key} and {args.nodes} key pair(s) "
-          f"in {creds.directory}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
