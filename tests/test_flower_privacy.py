@@ -1,4 +1,4 @@
-"""Differential privacy through the Flower app (loopback grid, tiny BERT, 4 clients): every method
+"""Differential privacy through the Flower app (in-process grid, tiny BERT, 4 clients): every method
 trains privately and writes its ledger; the ledger's epsilon is the composed one; the budget guard
 refuses a round and the run goes on; the server refuses a client that reports an overspend."""
 
