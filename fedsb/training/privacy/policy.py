@@ -7,7 +7,8 @@ is private at all, and the calibrated fresh ledger for a client of a given size.
 
 from __future__ import annotations
 
-from fedsb.experiment.config import ExperimentConfig, PrivacyConfig, uses_init_gradients
+from fedsb.experiment.config import ExperimentConfig, PrivacyConfig
+from fedsb.experiment.validation import uses_init_gradients
 from fedsb.training.privacy.accounting import PrivacyLedger, resolve_delta
 
 
