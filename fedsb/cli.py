@@ -14,8 +14,8 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import fedsb.analysis.plots as plots
-import fedsb.analysis.sweep as sweep
+import fedsb.analysis.plots.cli as plots
+import fedsb.analysis.sweep.cli as sweep
 import fedsb.experiment.comm as comm
 import fedsb.ops.deploy.cli as deploy_cli
 from fedsb.core.models import TASKS, TINY_MODELS, find_target_modules

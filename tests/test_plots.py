@@ -12,11 +12,21 @@ import statistics
 from pathlib import Path
 
 import pytest
+import run_outputs
 from matplotlib.container import BarContainer, ErrorbarContainer
 
-import fedsb.analysis.plots as plots
-from fedsb.analysis.plots import pareto_frontier, plot_dir
-from fedsb.analysis.sweep import COMPLETED, csv_header, format_value, result_fields
+from fedsb.analysis.plots import style
+from fedsb.analysis.plots.cli import plot_dir
+from fedsb.analysis.plots.comm import comm_vs_accuracy, pareto_frontier, tuned_comm_vs_accuracy
+from fedsb.analysis.plots.components import bytes_by_component, component_panels
+from fedsb.analysis.plots.data import load_sweep_dir
+from fedsb.analysis.plots.privacy import privacy_vs_utility
+from fedsb.analysis.plots.rounds import accuracy_vs_round, bytes_vs_round
+from fedsb.analysis.sweep.outputs import result_fields
+from fedsb.analysis.sweep.spec import format_value
+from fedsb.analysis.sweep.table import COMPLETED, csv_header
+from fedsb.experiment.summary import PrivacySummary
+from fedsb.methods import method_names
 
 METHODS = ("fedit", "ffa", "fedex", "fedsb")
 ROUNDS = 2
@@ -70,27 +80,26 @@ def make_run(run_dir: Path, method: str, rank: int, seed: int, accuracy: float, 
         communication[d] = {"bytes": sum(by_component.values()), "wire_bytes": 0, "params": 0,
                             "bytes_by_component": by_component}
     cum_up = cum_down = 0
-    metrics = [{"round": 0, "val_accuracy": 0.25, "val_loss": 1.4, "bytes_up": 0, "bytes_down": 0,
-                "cum_bytes_up": 0, "cum_bytes_down": 0}]
+    metrics = [run_outputs.metrics_row(0, 0.25, 1.4)]
     for rnd in range(1, ROUNDS + 1):
         up = sum(s for r, d, _, s in rows if r == rnd and d == "up")
         down = sum(s for r, d, _, s in rows if r == rnd and d == "down")
         cum_up, cum_down = cum_up + up, cum_down + down
-        metrics.append({"round": rnd, "val_accuracy": 0.25 + (val_accuracy - 0.25) * rnd / ROUNDS,
-                        "val_loss": 1.0, "bytes_up": up, "bytes_down": down, "cum_bytes_up": cum_up,
-                        "cum_bytes_down": cum_down})
-    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
-    summary = {"method": method, "rank": rank, "seed": seed, "num_clients": 4, "rounds": ROUNDS,
-               "rounds_completed": ROUNDS, "initial_val_accuracy": 0.25, "final_val_accuracy": val_accuracy,
-               "final_val_loss": 1.0, "best_val_accuracy": val_accuracy, "best_round": ROUNDS,
-               "test_accuracy": accuracy, "test_loss": 0.9, "final_test_accuracy": accuracy - 0.05,
-               "final_test_loss": 0.95, "selection": "validation", "lr": lr, "weighting": "examples",
-               "centralised": centralised, "communication": communication, "wall_s": 9.0, "oracle": oracle}
-    if epsilon is not None and reports_privacy:
-        summary["privacy"] = {"enabled": True, "status": "private", "target_epsilon": epsilon,
-                              "epsilon_max": epsilon * 0.98, "delta_max": 1e-5, "max_grad_norm": 1.0,
-                              "noise_multiplier_range": [0.9, 1.0]}
-    (run_dir / "summary.json").write_text(json.dumps(summary))
+        metrics.append(run_outputs.metrics_row(rnd, 0.25 + (val_accuracy - 0.25) * rnd / ROUNDS, 1.0,
+                                               bytes_up=up, bytes_down=down, cum_bytes_up=cum_up,
+                                               cum_bytes_down=cum_down))
+    private = None
+    if epsilon is not None and reports_privacy:  # as fedsb.experiment.report.privacy_summary writes it
+        private = PrivacySummary(enabled=True, status="private", target_epsilon=epsilon,
+                                 epsilon_max=epsilon * 0.98, delta_max=1e-5, max_grad_norm=1.0,
+                                 noise_multiplier_range=[0.9, 1.0])
+    summary = run_outputs.summary(
+        method, rank, centralised=centralised, privacy=private, seed=seed, num_clients=4, rounds=ROUNDS,
+        rounds_completed=ROUNDS, initial_val_accuracy=0.25, final_val_accuracy=val_accuracy,
+        final_val_loss=1.0, best_val_accuracy=val_accuracy, best_round=ROUNDS, test_accuracy=accuracy,
+        test_loss=0.9, final_test_accuracy=accuracy - 0.05, final_test_loss=0.95, lr=lr,
+        communication=communication, wall_s=9.0, oracle=oracle, init_source="pooled" if oracle else None)
+    run_outputs.write_run(run_dir, summary, metrics)
     return run_dir
 
 
@@ -176,10 +185,10 @@ def dominated(p, points) -> bool:
 
 
 def test_comm_vs_accuracy_has_a_marker_per_setting_and_the_right_frontier(comm_sweep):
-    data = plots.load_sweep_dir(comm_sweep)
+    data = load_sweep_dir(comm_sweep)
     assert len(data.settings) == 8 and len(data.failed) == 1
     assert all(len(s.rows) == 2 for s in data.settings)
-    fig = plots.comm_vs_accuracy(data.settings)
+    fig = comm_vs_accuracy(data.settings)
     (ax,) = fig.axes
     assert ax.get_xscale() == "log"
     assert "bytes" in ax.get_xlabel() and "log scale" in ax.get_xlabel()
@@ -205,20 +214,20 @@ def test_comm_vs_accuracy_has_a_marker_per_setting_and_the_right_frontier(comm_s
 
 
 def test_round_figures_have_a_line_and_a_band_per_setting(comm_sweep):
-    data = plots.load_sweep_dir(comm_sweep)
-    for fig in (plots.accuracy_vs_round(data.settings), plots.bytes_vs_round(data.settings)):
+    data = load_sweep_dir(comm_sweep)
+    for fig in (accuracy_vs_round(data.settings), bytes_vs_round(data.settings)):
         (ax,) = fig.axes
         series = [line for line in ax.lines if line.get_gid() == "series"]
         assert len(series) == 8
         assert len({line.get_label() for line in series}) == 8
         assert len([c for c in ax.collections if c.get_gid() == "spread"]) == 8  # 2 seeds each
         assert ax.get_xlabel().startswith("round")
-    accuracy = plots.accuracy_vs_round(data.settings).axes[0]
+    accuracy = accuracy_vs_round(data.settings).axes[0]
     assert accuracy.get_ylabel() == "validation accuracy"
     line = next(line for line in accuracy.lines if line.get_label() == "fedsb r=16")
     assert list(line.get_xdata()) == [0, 1, 2]
     assert line.get_ydata()[-1] == pytest.approx(0.85)  # validation: the mean of 0.84 and 0.86
-    cumulative = plots.bytes_vs_round(data.settings).axes[0]
+    cumulative = bytes_vs_round(data.settings).axes[0]
     assert cumulative.get_yscale() == "log"
     line = next(line for line in cumulative.lines if line.get_label() == "fedex r=4")
     assert line.get_ydata()[-1] == total_bytes("fedex", 4)
@@ -226,10 +235,10 @@ def test_round_figures_have_a_line_and_a_band_per_setting(comm_sweep):
 
 
 def test_bytes_by_component_stacks_each_component_per_direction(comm_sweep):
-    data = plots.load_sweep_dir(comm_sweep)
-    panels = plots.component_panels(data.settings)
+    data = load_sweep_dir(comm_sweep)
+    panels = component_panels(data.settings)
     assert [title for title, _ in panels] == [f"{m} r={r}" for m in METHODS for r in (4, 16)]
-    fig = plots.bytes_by_component(panels)
+    fig = bytes_by_component(panels)
     axes = [ax for ax in fig.axes if ax.get_title()]
     assert len(axes) == 8
     by_title = {ax.get_title(): ax for ax in axes}
@@ -263,10 +272,10 @@ def privacy_sweep(tmp_path) -> Path:
 
 
 def test_privacy_vs_utility_has_a_line_per_method_and_a_non_private_reference(privacy_sweep):
-    data = plots.load_sweep_dir(privacy_sweep)
+    data = load_sweep_dir(privacy_sweep)
     assert sorted(s.label for s in data.settings if s.method == "fedsb") == [
         "fedsb r=16 no DP", "fedsb r=16 ε=1", "fedsb r=16 ε=3"]
-    fig = plots.privacy_vs_utility(data.settings)
+    fig = privacy_vs_utility(data.settings)
     (ax,) = fig.axes
     assert ax.get_xscale() == "log" and "ε" in ax.get_xlabel() and "δ ≤ 1e-05" in ax.get_xlabel()
     series = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
@@ -279,19 +288,19 @@ def test_privacy_vs_utility_has_a_line_per_method_and_a_non_private_reference(pr
     assert all(line.get_ydata()[0] == pytest.approx(0.805) for line in references)
     assert {line.get_label() for line in references} == {f"{m} r=16, no DP" for m in METHODS}
     # The privacy sweep also draws the comm figure: one marker per setting, one series per method.
-    comm = plots.comm_vs_accuracy(data.settings).axes[0]
+    comm = comm_vs_accuracy(data.settings).axes[0]
     markers = [len(c.lines[0].get_xdata()) for c in comm.containers if isinstance(c, ErrorbarContainer)]
     assert markers == [3] * 4
 
 
 def test_no_privacy_figure_without_a_private_run(tmp_path, comm_sweep):
-    assert plots.privacy_vs_utility(plots.load_sweep_dir(comm_sweep).settings) is None
+    assert privacy_vs_utility(load_sweep_dir(comm_sweep).settings) is None
     # Privacy asked for in the config but not reported by the run: not private, and labelled so.
     sweep_dir = make_sweep(tmp_path / "unreported", ["privacy.epsilon"], [
         {"privacy.epsilon": 3, "method": "fedsb", "rank": 4, "accuracy": 0.7, "epsilon": 3,
          "reports_privacy": False}])
-    data = plots.load_sweep_dir(sweep_dir)
-    assert plots.privacy_vs_utility(data.settings) is None
+    data = load_sweep_dir(sweep_dir)
+    assert privacy_vs_utility(data.settings) is None
     assert data.settings[0].label == "fedsb r=4 ε=3 requested, not applied"
 
 
@@ -299,7 +308,7 @@ def test_the_pooled_init_oracle_is_labelled(tmp_path):
     sweep_dir = make_sweep(tmp_path / "oracle", ["method.init.source"], [
         {"method.init.source": source, "method": "fedsb", "rank": 4, "accuracy": 0.7,
          "oracle": source == "pooled"} for source in ("server", "pooled")])
-    labels = [s.label for s in plots.load_sweep_dir(sweep_dir).settings]
+    labels = [s.label for s in load_sweep_dir(sweep_dir).settings]
     assert labels == ["fedsb r=4 method.init.source=server",
                       "fedsb r=4 method.init.source=pooled (oracle init)"]
 
@@ -352,7 +361,7 @@ def tuned_sweep(tmp_path) -> Path:
 
 
 def test_a_tuned_sweep_is_reported_per_group_at_the_value_chosen_on_validation(tuned_sweep):
-    data = plots.load_sweep_dir(tuned_sweep)
+    data = load_sweep_dir(tuned_sweep)
     assert data.tune == "train.lr"
     assert [(g.label, g.chosen.value) for g in data.tuned] == [
         ("fedsb r=16", "0.01"), ("ffa r=16", "0.01"), ("fedit r=16", "0.01"),
@@ -398,16 +407,16 @@ def test_a_tuned_sweep_is_reported_per_group_at_the_value_chosen_on_validation(t
         "1. ffa r=16 lr=0.01", "2. fedit r=16 lr=0.01"]
 
     # --metric final_test_accuracy: the test split after the last round.
-    final = plots.tuned_comm_vs_accuracy(data.tuned, "final_test_accuracy").axes[0]
+    final = tuned_comm_vs_accuracy(data.tuned, "final_test_accuracy").axes[0]
     marker = next(c for c in final.containers if c.get_label() == "Fed-SB")
     assert list(marker.lines[0].get_ydata()) == pytest.approx([mean - 0.05])
 
 
 def test_without_tune_a_centralised_run_is_a_reference_line_too(tuned_sweep):
     (tuned_sweep / "sweep.json").unlink()
-    data = plots.load_sweep_dir(tuned_sweep)
+    data = load_sweep_dir(tuned_sweep)
     assert data.tune is None and data.tuned == []
-    ax = plots.comm_vs_accuracy(data.settings).axes[0]
+    ax = comm_vs_accuracy(data.settings).axes[0]
     references = [line for line in ax.lines if line.get_gid() == "reference"]
     assert sorted(line.get_label() for line in references) == [
         f"LoRA r=16 train.lr={lr}, centralised (not federated)" for lr in ("0.01", "0.03")]
@@ -432,7 +441,10 @@ def test_plot_dir_refuses_other_directories(tmp_path):
 
 
 def test_palette_is_okabe_ito_and_every_method_has_its_own_marker():
-    colours = {c for c, _ in plots.METHOD_STYLE.values()}
-    assert colours <= set(plots.OKABE_ITO.values()) and len(colours) == 4
-    assert len({m for _, m in plots.METHOD_STYLE.values()}) == 4
-    assert set(plots.COMPONENT_COLORS.values()) <= set(plots.OKABE_ITO.values())
+    styles = [style.method_style(name) for name in method_names()]  # by registry index
+    colours = {c for c, _ in styles}
+    assert colours <= set(style.OKABE_ITO.values()) and len(colours) == len(method_names())
+    assert len({m for _, m in styles}) == len(method_names())
+    assert style.method_style("not-a-method") == style.UNKNOWN_METHOD_STYLE
+    assert style.UNKNOWN_METHOD_STYLE[0] not in colours
+    assert set(style.COMPONENT_COLORS.values()) <= set(style.OKABE_ITO.values())

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import statistics
 import subprocess
@@ -13,11 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import run_outputs
 import yaml
 
-import fedsb.analysis.sweep as sweep
-from fedsb.analysis.sweep import COMPLETED, INVALID_CONFIG, SweepError, load_sweep, run_sweep
+from fedsb.analysis.sweep import cli, outputs, report, table, tuning
+from fedsb.analysis.sweep.runner import run_sweep
+from fedsb.analysis.sweep.spec import SweepError, describe, format_value, grid_labels, load_sweep, parse_value
+from fedsb.analysis.sweep.table import COMPLETED, INVALID_CONFIG
 from fedsb.experiment.config import ConfigError
+from fedsb.experiment.summary import MetricsRow, PrivacySummary
 
 TINY = Path(__file__).resolve().parent / "configs" / "tiny.yaml"
 
@@ -80,21 +85,22 @@ class FakeRunner:
                        "bytes_by_component": {"lora_R": 80 * rank, "head": 20 * rank}},
                 "down": {"bytes": 1000 + 100 * rank, "wire_bytes": 1100 + 120 * rank, "params": 0,
                          "bytes_by_component": {"lora_R": 80 * rank, "head": 20 * rank, "init": 1000}}}
-        summary = {"method": method, "rank": rank, "seed": overrides.get("seed", 0), "rounds": 1,
-                   "rounds_completed": 1, "initial_val_accuracy": 0.25, "final_val_accuracy": val,
-                   "final_val_loss": 0.9, "best_val_accuracy": val, "best_round": 1, "test_accuracy": test,
-                   "test_loss": 0.8, "final_test_accuracy": final_test, "final_test_loss": 0.85,
-                   "selection": "validation", "lr": overrides.get("train.lr", 0.01), "weighting": "examples",
-                   "centralised": False, "communication": comm, "wall_s": 2.5}
-        if overrides.get("privacy.enabled"):
-            summary["privacy"] = {"enabled": True, "epsilon_max": overrides["privacy.epsilon"] * 0.9,
-                                  "delta": [1e-5, 2e-5], "noise_multiplier": {"0": 1.1, "1": 1.3},
-                                  "max_grad_norm": 1.0}
-        (run_dir / "summary.json").write_text(json.dumps(summary))
-        rows = [{"round": 0, "val_accuracy": 0.25, "val_loss": 1.4, "cum_bytes_up": 0, "cum_bytes_down": 0},
-                {"round": 1, "val_accuracy": val, "val_loss": 0.9, "cum_bytes_up": 100 * rank,
-                 "cum_bytes_down": 1000}]
-        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        privacy = None
+        if overrides.get("privacy.enabled"):  # as fedsb.experiment.report.privacy_summary writes it
+            epsilon = overrides["privacy.epsilon"]
+            privacy = PrivacySummary(enabled=True, status="private", target_epsilon=epsilon,
+                                     epsilon_max=epsilon * 0.9, delta_max=2e-5, max_grad_norm=1.0,
+                                     noise_multiplier_range=[1.1, 1.3])
+        summary = run_outputs.summary(
+            method, rank, seed=overrides.get("seed", 0), rounds=1, rounds_completed=1,
+            initial_val_accuracy=0.25, final_val_accuracy=val, final_val_loss=0.9, best_val_accuracy=val,
+            best_round=1, test_accuracy=test, test_loss=0.8, final_test_accuracy=final_test,
+            final_test_loss=0.85, lr=overrides.get("train.lr", 0.01), communication=comm, wall_s=2.5,
+            privacy=privacy)
+        rows = [run_outputs.metrics_row(0, 0.25, 1.4),
+                run_outputs.metrics_row(1, val, 0.9, bytes_up=100 * rank, bytes_down=1000 + 100 * rank,
+                                        cum_bytes_up=100 * rank, cum_bytes_down=1000 + 100 * rank)]
+        run_outputs.write_run(run_dir, summary, rows)
         return FakeOutcome(1, COMPLETED, "", run_dir, 5.0)
 
 
@@ -133,7 +139,7 @@ def test_a_relative_base_is_taken_from_the_sweep_file(tmp_path):
 
 def test_labels_read_back_as_the_values():
     for value in ("fedsb", "1", "true", "", "a: b", 1, 1.5, True, None, ["query", "value"]):
-        assert sweep.parse_value(sweep.format_value(value)) == value or value == ""
+        assert parse_value(format_value(value)) == value or value == ""
 
 
 @pytest.mark.parametrize("grid, fixed, message", [
@@ -173,7 +179,7 @@ def test_a_list_in_a_linked_value_expands_into_one_value_per_element(tmp_path):
         "seed": [0, 1],
     })
     (method, seed) = load_sweep(path).axes
-    assert [sweep._describe(value) for value in method.values] == [
+    assert [describe(value) for value in method.values] == [
         "method.name=fedsb method.rank=64 train.lr=0.003",
         "method.name=fedsb method.rank=64 train.lr=0.01",
         "method.name=fedsb method.rank=64 train.lr=0.03",
@@ -191,7 +197,7 @@ def test_a_list_in_a_linked_value_expands_into_one_value_per_element(tmp_path):
                                          "seed": 1}
     # sweep.json's record of the grid gives the same cells, in the same order (for `fedsb plot`).
     record = json.loads(json.dumps({axis.name: list(axis.values) for axis in spec.axes}))
-    assert sweep.grid_labels(record) == [cell.label for cell in spec.cells()]
+    assert grid_labels(record) == [cell.label for cell in spec.cells()]
 
 
 @pytest.mark.parametrize("tune, message", [
@@ -226,8 +232,8 @@ def test_bad_top_level(tmp_path, text, message):
 def test_each_cell_is_a_row_failures_are_recorded_and_a_rerun_skips_completed_cells(tmp_path):
     out = tmp_path / "out"
     path = write_sweep(tmp_path / "s.yaml", {"method.rank": [4, 0, 13, 17, 8]}, output_dir=out)
-    runner, lines = FakeRunner(), []
-    result = run_sweep(path, runner=runner, echo=lines.append)
+    runner, lines, bar = FakeRunner(), [], io.StringIO()
+    result = run_sweep(path, runner=runner, echo=lines.append, progress=bar)
 
     rows = read_csv(out / "sweep.csv")
     assert [r["method.rank"] for r in rows] == ["4", "0", "13", "17", "8"]
@@ -254,12 +260,12 @@ def test_each_cell_is_a_row_failures_are_recorded_and_a_rerun_skips_completed_ce
     assert row["run_dir"].startswith("runs/") and (out / row["run_dir"] / "summary.json").is_file()
     assert float(row["elapsed_s"]) == 5.0 and float(row["wall_s"]) == 2.5
 
-    # The progress line after each cell: cells done and the time left.
-    progress = [line for line in lines if "cells |" in line]
-    assert len(progress) == 5 and progress[0].startswith("[#") and "1/5 cells" in progress[0]
-    assert "about" in progress[0] and "left" in progress[0] and progress[-1].endswith("done")
+    # Progress over the sweep: a tqdm bar (cells done of all, time left); the per-cell lines say
+    # how each cell ended, where its run is.
+    assert "fedsb sweep:" in bar.getvalue() and "5/5" in bar.getvalue()
+    assert not any("cells |" in line for line in lines)  # no hand-made progress lines beside the bar
     done = next(line for line in lines if "done method.rank=8" in line)
-    assert "test accuracy 0.58 at round 1 (validation 0.61" in done
+    assert "test accuracy 0.58 at round 1 (validation 0.61" in done and f"run dir {row['run_dir']}" in done
 
     # Again: completed cells are skipped, failed ones are retried (and appended).
     runner2 = FakeRunner()
@@ -346,7 +352,7 @@ def test_tuning_chooses_on_validation_and_reports_the_test_mean_and_std_there(tm
     assert list(rows) == ["fedsb r=4", "ffa r=4", "fedex r=4"]
     header = list(rows["fedsb r=4"])
     assert header[:2] == ["group", "method.name"] and "train.lr" not in header and "seed" not in header
-    assert header[2:] == list(sweep.TUNED_FIELDS[1:])
+    assert header[2:] == list(tuning.TUNED_FIELDS[1:])
     row = rows["fedsb r=4"]
     assert row["tune_key"] == "train.lr" and row["tune_value"] == "0.01" and row["seeds"] == "3"
     assert float(row["test_accuracy_mean"]) == pytest.approx(statistics.mean(tests), abs=1e-6)
@@ -380,36 +386,75 @@ def test_tune_results_labels_the_centralised_reference_and_handles_one_seed_and_
         _row("c0", **{"federation.centralised": "false", "train.lr": "0.01", "seed": "0",
                       "best_val_accuracy": "0.8", "test_accuracy": "0.7", "centralised": "false"}),
         _row("c1", **{"federation.centralised": "true", "train.lr": "0.01", "seed": "0",
-                      "best_val_accuracy": "0.9", "test_accuracy": "0.85", "centralised": "true"}),
+                      "best_val_accuracy": "0.9", "test_accuracy": "0.85", "centralised": "true",
+                      "method_label": "LoRA"}),  # the centralised run's summary names its adapter
         _row("c2", **{"federation.centralised": "true", "train.lr": "0.03", "seed": "0",
-                      "best_val_accuracy": "0.7", "test_accuracy": "0.95", "centralised": "true"}),
+                      "best_val_accuracy": "0.7", "test_accuracy": "0.95", "centralised": "true",
+                      "method_label": "LoRA"}),
         _row("c3", status="finished:failed", **{"federation.centralised": "false", "train.lr": "0.03",
                                                  "seed": "0", "centralised": "false"}),
         _row("c4", status="invalid config", **{"federation.centralised": "false", "method.name": "ffa",
                                                 "train.lr": "0.01", "seed": "0", "method": "", "rank": ""}),
     ]
-    federated, centralised, nothing = sweep.tune_results(rows, columns, "train.lr")
+    federated, centralised, nothing = tuning.tune_results(rows, columns, "train.lr")
     assert federated.label == "fedit r=8"
     assert centralised.label == "LoRA r=8, centralised (not federated)"  # fedit centralised: plain LoRA
     assert nothing.label == "ffa r=?"
     assert centralised.centralised and not federated.centralised
     assert centralised.chosen.value == "0.01" and centralised.test_accuracy.mean == 0.85
     assert centralised.test_accuracy.std is None  # one seed: no spread
-    assert sweep.mean_std_text(centralised.test_accuracy) == "0.850"
+    assert report.mean_std_text(centralised.test_accuracy) == "0.850"
     assert federated.chosen.value == "0.01" and [c.failed for c in federated.candidates] == [0, 1]
     assert federated.candidates[1].val_mean is None  # the failed value is no candidate
     assert nothing.chosen is None and nothing.seeds == 0 and nothing.method == "ffa"
-    row = sweep.tuned_row(nothing)
+    row = tuning.tuned_row(nothing)
     assert row["tune_value"] is None and row["test_accuracy_mean"] is None
-    assert sweep.setting_label("ffa", 4, True) == "LoRA (A frozen) r=4, centralised (not federated)"
-    assert sweep.setting_label("fedsb", 4, centralised=True).startswith("LoRA-SB r=4")
-    assert sweep.setting_label("fedsb", 4, extras=["privacy.epsilon=1"]) == "fedsb r=4 privacy.epsilon=1"
+    # A centralised run is named by its summary's method_label (without one: the config's name).
+    assert tuning.setting_label("ffa", 4, True, method_label="LoRA (A frozen)") == \
+        "LoRA (A frozen) r=4, centralised (not federated)"
+    assert tuning.setting_label("fedsb", 4, centralised=True, method_label="LoRA-SB").startswith("LoRA-SB r=")
+    assert tuning.setting_label("fedsb", 4, centralised=True).startswith("fedsb r=4")
+    assert tuning.setting_label("fedsb", 4, extras=["privacy.epsilon=1"], method_label="Fed-SB") == \
+        "fedsb r=4 privacy.epsilon=1"
 
 
 def test_sweep_and_plots_import_without_torch():
-    code = ("import sys, fedsb.analysis.sweep, fedsb.analysis.plots; "
+    code = ("import sys, importlib, pkgutil, fedsb.analysis.sweep as s, fedsb.analysis.plots as p\n"
+            "for pkg in (s, p):\n"
+            "    for m in pkgutil.iter_modules(pkg.__path__):\n"
+            "        importlib.import_module(f'{pkg.__name__}.{m.name}')\n"
+            "assert 'fedsb.analysis.plots.cli' in sys.modules and 'fedsb.analysis.sweep.cli' in sys.modules\n"
             "assert 'torch' not in sys.modules, 'torch was imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_no_method_is_named_in_the_analysis_code():
+    """Method names live in fedsb.methods: figures name a method by its runs' method_label and style it
+    by its registry index. (Docstrings and comments may still give examples.)"""
+    import ast
+
+    names = set(__import__("fedsb.methods", fromlist=["method_names"]).method_names())
+    root = Path(outputs.__file__).resolve().parents[1]
+    for path in sorted(root.rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                      if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef)) and node.body
+                      and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and id(node) not in docstrings:
+                assert node.value not in names, f"{path}:{node.lineno} names method {node.value!r}"
+
+
+def test_a_summary_off_the_schema_is_an_error_not_an_empty_column(tmp_path):
+    """The drift this reader had: privacy keys no run writes (delta, noise_multiplier) read as empty."""
+    run_dir = run_outputs.write_run(tmp_path / "run", run_outputs.summary("fedsb", 4, communication={
+        d: {"bytes": 1, "wire_bytes": 1, "params": 1, "bytes_by_component": {}} for d in ("up", "down")}), [])
+    assert outputs.result_fields(run_dir)["bytes_total"] == 2
+    data = json.loads((run_dir / "summary.json").read_text())
+    data["privacy"]["delta"] = 1e-5
+    (run_dir / "summary.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"keys \['delta'\] are not in the schema of PrivacySummary"):
+        outputs.result_fields(run_dir)
 
 
 def test_privacy_fields_and_the_largest_of_per_client_values(tmp_path):
@@ -425,7 +470,7 @@ def test_privacy_fields_and_the_largest_of_per_client_values(tmp_path):
     assert float(on["delta"]) == 2e-5 and float(on["noise_multiplier"]) == 1.3
 
 
-def test_privacy_asked_for_but_not_reported_is_not_private_and_is_flagged(tmp_path):
+def test_privacy_asked_for_but_not_applied_is_not_private_and_is_flagged(tmp_path):
     out = tmp_path / "out"
     path = write_sweep(tmp_path / "s.yaml", {"privacy.enabled": [True]}, output_dir=out)
 
@@ -436,8 +481,9 @@ def test_privacy_asked_for_but_not_reported_is_not_private_and_is_flagged(tmp_pa
     run_sweep(path, runner=runner, echo=lines.append)
     (row,) = read_csv(out / "sweep.csv")
     assert row["privacy_requested"] == "true" and row["private"] == "false"
-    assert row["privacy_status"] == "not reported"
-    assert any("privacy status is 'not reported'" in line for line in lines)
+    # The run's summary says privacy was off (the recorder always writes a `privacy` object).
+    assert row["privacy_status"] == "off"
+    assert any("privacy status is 'off'" in line for line in lines)
 
 
 def test_privacy_fields_as_the_flower_app_writes_them():
@@ -445,16 +491,20 @@ def test_privacy_fields_as_the_flower_app_writes_them():
         "enabled": True, "status": "private", "target_epsilon": 3.0, "accountant": "rdp", "epsilon_max": 2.91,
         "delta_max": 1e-5, "max_grad_norm": 1.0, "noise_multiplier_range": [0.9, 1.2],
         "per_client": {"0": {"epsilon": 2.91, "delta": 1e-5, "noise_multiplier": 1.2}}}
-    assert sweep.privacy_fields(summary_privacy, {}) == {
+    privacy = PrivacySummary.from_dict(summary_privacy)
+    assert outputs.privacy_fields(privacy, None) == {
         "private": True, "privacy_status": "private", "epsilon_max": 2.91, "delta": 1e-5,
         "noise_multiplier": 1.2}
-    pooled = {**summary_privacy, "status": "not private: the Fed-SB init pooled every client's raw data"}
-    assert sweep.privacy_fields(pooled, {})["private"] is False
-    assert sweep.privacy_fields({"enabled": False}, {}) == {"private": False, "privacy_status": "off"}
-    assert sweep.privacy_fields(None, {}) == {"private": False, "privacy_status": "not reported"}
+    pooled = PrivacySummary.from_dict(
+        {**summary_privacy, "status": "not private: the Fed-SB init pooled every client's raw data"})
+    assert outputs.privacy_fields(pooled, None)["private"] is False
+    assert outputs.privacy_fields(PrivacySummary(enabled=False), None) == {"private": False,
+                                                                           "privacy_status": "off"}
+    assert outputs.privacy_fields(None, None) == {"private": False, "privacy_status": "not reported"}
     # No epsilon in the summary: the last round's largest over all clients.
-    last_round = {"epsilon_max": 1.0, "epsilon_max_all": 1.5}
-    assert sweep.privacy_fields({"enabled": True}, last_round)["epsilon_max"] == 1.5
+    last_round = MetricsRow.from_dict({**run_outputs.metrics_row(3, 0.5, 1.0).to_dict(), "epsilon_max": 1.0,
+                                       "epsilon_max_all": 1.5})
+    assert outputs.privacy_fields(PrivacySummary(enabled=True), last_round)["epsilon_max"] == 1.5
 
 
 def test_other_shared_settings_in_the_same_directory_stop_the_sweep(tmp_path):
@@ -484,8 +534,8 @@ def test_a_grown_grid_widens_sweep_csv_and_keeps_the_old_rows(tmp_path):
 def test_dry_run_lists_cells_and_runs_nothing(tmp_path, capsys):
     path = write_sweep(tmp_path / "s.yaml", {"method.rank": [4, 8]}, output_dir=tmp_path / "out")
     parser = argparse.ArgumentParser()
-    sweep.add_arguments(parser)
-    assert sweep.run(parser.parse_args([str(path), "--dry-run"])) == 0
+    cli.add_arguments(parser)
+    assert cli.run(parser.parse_args([str(path), "--dry-run"])) == 0
     printed = capsys.readouterr().out
     assert "2 cells (2)" in printed and "not run" in printed and "method.rank=8" in printed
     assert not (tmp_path / "out").exists()
@@ -496,7 +546,7 @@ def test_completed_is_the_launch_status():
     from fedsb.ops.launch import COMPLETED as LAUNCH_COMPLETED
 
     assert COMPLETED == LAUNCH_COMPLETED
-    assert sweep.COMPONENTS == METER_COMPONENTS
+    assert table.COMPONENTS == METER_COMPONENTS
 
 
 def test_every_shipped_sweep_starts_with_its_command_and_every_cell_validates():
@@ -544,7 +594,7 @@ def test_numbers_in_sweep_files_read_as_numbers(tmp_path):
 def test_a_tiny_real_sweep_writes_every_row_and_figure_and_reruns_nothing(tmp_path):
     """2 x 2 cells of the tiny config, 1 round; fedsb with DP is refused at config validation (the
     pooled init sees all clients' data), so 3 real Flower runs."""
-    from fedsb.analysis.plots import plot_dir
+    from fedsb.analysis.plots.cli import plot_dir
 
     out = tmp_path / "sweep"
     path = write_sweep(tmp_path / "tiny-sweep.yaml", {
@@ -600,12 +650,12 @@ def test_tune_seeds_chooses_on_those_seeds_and_reports_every_seed_of_the_choice(
     rows = [row(0.001, 0, 0.80, 0.70), row(0.003, 0, 0.78, 0.75), row(0.001, 1, 0.70, 0.71),
             row(0.001, 2, 0.72, 0.69)]
     columns = ["seed", "method.name", "train.lr"]
-    (group,) = sweep.tune_results(rows, columns, "train.lr", select_seeds=[0])
+    (group,) = tuning.tune_results(rows, columns, "train.lr", select_seeds=[0])
     assert group.chosen.value == "0.001" and group.seeds == 3 and group.select_seeds == (0,)
     assert group.test_accuracy.mean == pytest.approx(statistics.mean([0.70, 0.71, 0.69]), abs=1e-12)
     assert group.test_accuracy.std == pytest.approx(statistics.stdev([0.70, 0.71, 0.69]), abs=1e-12)
     # Without it, the mean over whatever seeds completed would compare 3 seeds with 1.
-    (naive,) = sweep.tune_results(rows, columns, "train.lr")
+    (naive,) = tuning.tune_results(rows, columns, "train.lr")
     assert naive.chosen.value == "0.003" and naive.seeds == 1
 
     path = write_sweep(tmp_path / "s.yaml", {"train.lr": [0.001, 0.003], "seed": [0, 1]},

@@ -1,0 +1,160 @@
+"""Running a sweep: every cell not yet completed, one real run each, one sweep.csv row as each ends.
+
+Every cell is one real run through `fedsb.ops.launch.run_simulation` (the path of `fedsb run`), with
+its runs under <sweep dir>/runs. As soon as a cell ends, one row is appended to <sweep dir>/sweep.csv
+(fedsb.analysis.sweep.table). Running the sweep again skips the cells whose latest row is completed
+and retries the others; a failed cell (a bad value stops at config validation; a Flower run can
+fail) is recorded and the sweep goes on. With `tune`, tuned.csv is written at the end
+(fedsb.analysis.sweep.tuning).
+
+Progress over the whole sweep is a tqdm bar (cells done, elapsed, time left) on `progress`; each
+cell also gets its own lines through `echo` (what runs, and how it ended: status, accuracy, run dir).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, TextIO
+
+from tqdm import tqdm
+
+from fedsb.analysis.sweep.outputs import config_fields, result_fields
+from fedsb.analysis.sweep.report import cell_outcome, tuned_table
+from fedsb.analysis.sweep.spec import Cell, SweepSpec, format_value, load_sweep, record_pin
+from fedsb.analysis.sweep.table import (
+    COMPLETED,
+    ERROR,
+    INVALID_CONFIG,
+    SWEEP_CSV,
+    TUNED_CSV,
+    append_row,
+    csv_value,
+    latest_rows,
+    read_rows,
+)
+from fedsb.analysis.sweep.tuning import TunedGroup, in_grid_order, tune_results, write_tuned
+from fedsb.experiment.config import ConfigError, load_config
+
+
+class Outcome(Protocol):
+    """What a runner returns (fedsb.ops.launch.RunOutcome)."""
+
+    status: str
+    details: str
+    run_dir: Path
+    elapsed_s: float
+
+
+Runner = Callable[..., Outcome]  # run_simulation's signature
+
+
+@dataclass
+class SweepResult:
+    spec: SweepSpec
+    csv_path: Path
+    ran: list[dict[str, Any]]  # the rows written by this invocation
+    skipped: list[Cell]  # completed earlier
+    tuned: list[TunedGroup] = dataclasses.field(default_factory=list)  # with `tune`: tuned.csv's groups
+
+    @property
+    def failed(self) -> list[dict[str, Any]]:
+        return [row for row in self.ran if row["status"] != COMPLETED]
+
+
+def run_sweep(path: str | Path, *, runner: Runner | None = None, stream: bool = False,
+              cpus_per_client: int = 1, app_dir: Path | None = None,
+              echo: Callable[[str], None] = print, progress: TextIO | None = None) -> SweepResult:
+    """Run every cell not yet completed, appending one sweep.csv row per cell as it ends.
+
+    `echo` gets the per-cell lines; `progress` (e.g. sys.stderr), if given, shows a tqdm bar over
+    the sweep's cells (the cells completed earlier count as done from the start).
+    """
+    spec = load_sweep(path)
+    record_pin(spec)
+    if runner is None:
+        from fedsb.ops.launch import run_simulation as runner  # loads torch: only when cells run
+    csv_path = spec.output_dir / SWEEP_CSV
+    latest = latest_rows(read_rows(csv_path)[1])
+    cells = spec.cells()
+    skipped = [c for c in cells if latest.get(c.label, {}).get("status") == COMPLETED]
+    todo = [c for c in cells if c not in skipped]
+    echo(f"fedsb sweep: {len(cells)} cells ({spec.shape}) on {spec.base} -> {spec.output_dir}; "
+         f"{len(skipped)} completed earlier, {len(todo)} to run")
+    for cell in skipped:
+        accuracy = latest[cell.label].get("test_accuracy") or "?"
+        echo(f"[{cell.index}/{len(cells)}] skip {cell.label}: completed earlier (test accuracy {accuracy})")
+
+    ran: list[dict[str, Any]] = []
+    with tqdm(total=len(cells), initial=len(skipped), unit="cell", desc="fedsb sweep", file=progress,
+              disable=progress is None, dynamic_ncols=True) as bar:
+        for cell in todo:
+            echo(f"[{cell.index}/{len(cells)}] run  {cell.label}")
+            row = run_cell(spec, cell, runner, stream=stream, cpus_per_client=cpus_per_client,
+                           app_dir=app_dir, echo=lambda line: echo(f"    {line}"))
+            append_row(csv_path, spec.columns, row)
+            ran.append(row)
+            echo(f"[{cell.index}/{len(cells)}] {cell_outcome(row)}")
+            if row.get("privacy_requested") == "true" and row.get("private") == "false":
+                echo(f"    warning: privacy.enabled was set but the run's privacy status is "
+                     f"'{row['privacy_status']}': it is recorded and plotted as not private")
+            bar.update(1)
+
+    result = SweepResult(spec, csv_path, ran, skipped)
+    done = len(skipped) + len(ran) - len(result.failed)
+    echo(f"fedsb sweep: {done}/{len(cells)} cells completed, {len(result.failed)} failed; "
+         f"results in {csv_path}; figures: fedsb plot {spec.output_dir}")
+    tuned_path = spec.output_dir / TUNED_CSV
+    if spec.tune is None:
+        tuned_path.unlink(missing_ok=True)  # from an earlier `tune`: it would no longer match the sweep
+        return result
+    result.tuned = tune_results(in_grid_order(read_rows(csv_path)[1], [c.label for c in cells]),
+                                spec.columns, spec.tune, spec.tune_seeds)
+    write_tuned(tuned_path, result.tuned)
+    over = f"seeds {', '.join(map(str, spec.tune_seeds))}" if spec.tune_seeds else "the completed seeds"
+    echo(f"fedsb sweep: {spec.tune} chosen per group on validation accuracy (mean over {over}); "
+         f"accuracies are mean ± std over seeds; written to {tuned_path}")
+    for line in tuned_table(result.tuned):
+        echo(f"    {line}")
+    return result
+
+
+def run_cell(spec: SweepSpec, cell: Cell, runner: Runner, *, stream: bool = False, cpus_per_client: int = 1,
+             app_dir: Path | None = None, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run one cell and return its sweep.csv row; a failed run is a row, never an exception.
+
+    (A finished run whose summary.json does not match the schema does raise: that is a bug of the
+    writer or this reader, not a result.)
+    """
+    overrides = {**spec.fixed, **cell.overrides, "output_dir": str(spec.output_dir / "runs")}
+    row: dict[str, Any] = {"cell": cell.label, **{k: format_value(v) for k, v in cell.overrides.items()},
+                           "run_dir": "", "elapsed_s": 0.0, "error": ""}
+    try:
+        config = load_config(spec.base, overrides)  # a bad value stops here, before anything starts
+    except ConfigError as err:
+        row.update(status=INVALID_CONFIG, error=str(err))
+        return _finish(row)
+    row.update(config_fields(config))
+    try:
+        outcome = runner(spec.base, overrides, app_dir=app_dir, cpus_per_client=cpus_per_client,
+                         stream=stream, echo=echo)
+    except Exception as err:  # any failure of one cell is that cell's result: the sweep goes on
+        row.update(status=ERROR, error=f"{type(err).__name__}: {err}")
+        return _finish(row)
+    row.update(status=outcome.status, elapsed_s=round(outcome.elapsed_s, 1),
+               error="" if outcome.status == COMPLETED else (outcome.details or outcome.status))
+    run_dir = Path(outcome.run_dir)
+    # Relative to the sweep directory, so that a moved or copied sweep directory still plots.
+    row["run_dir"] = str(run_dir.relative_to(spec.output_dir)) if run_dir.is_relative_to(spec.output_dir) \
+        else str(run_dir)
+    row.update(result_fields(run_dir))
+    return _finish(row)
+
+
+def _finish(row: dict[str, Any]) -> dict[str, Any]:
+    row["error"] = " ".join(str(row.get("error", "")).split())  # one line in the CSV
+    row["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    return {k: csv_value(v) for k, v in row.items()}
