@@ -1,4 +1,5 @@
-"""The data layer's contract: every task is a `datasets.Dataset` with columns `text` and `label`.
+"""The data layer's contract: every task is a `datasets.Dataset` with columns `text` and `label`,
+and `text_pair` for a sentence-pair task (the second text: SNLI's hypothesis, say).
 
 `label` is a `ClassLabel` whose names are the task's label names, whatever the source's column
 names were, so partitioning, tokenisation and training can rely on it. This module holds that
@@ -13,6 +14,7 @@ from collections.abc import Sequence
 from datasets import ClassLabel, Dataset, Features, Value
 
 TEXT = "text"
+TEXT_PAIR = "text_pair"  # the second text of a sentence-pair task (config data.text_pair_column)
 LABEL = "label"
 
 
@@ -20,10 +22,16 @@ class DataError(ValueError):
     """A data source that cannot be used as given (bad column, label, extension, split...)."""
 
 
-def make_dataset(texts: list[str], labels: list[int], label_names: Sequence[str]) -> Dataset:
-    """A (text, label) dataset with `label` a ClassLabel of `label_names`."""
-    features = Features({TEXT: Value("string"), LABEL: ClassLabel(names=list(label_names))})
-    return Dataset.from_dict({TEXT: texts, LABEL: labels}, features=features)
+def make_dataset(texts: list[str], labels: list[int], label_names: Sequence[str],
+                 text_pairs: list[str] | None = None) -> Dataset:
+    """A (text, label) dataset with `label` a ClassLabel of `label_names`; with `text_pairs`, a
+    (text, text_pair, label) dataset."""
+    columns: dict[str, list] = {TEXT: texts}
+    types: dict[str, Value | ClassLabel] = {TEXT: Value("string")}
+    if text_pairs is not None:
+        columns[TEXT_PAIR], types[TEXT_PAIR] = text_pairs, Value("string")
+    columns[LABEL], types[LABEL] = labels, ClassLabel(names=list(label_names))
+    return Dataset.from_dict(columns, features=Features(types))
 
 
 def column(ds: Dataset, name: str) -> list:

@@ -1,7 +1,10 @@
 """Task sources: local files, the Hugging Face hub, label normalisation, and `load_task`.
 
-Every loader returns `datasets.Dataset`s with exactly two columns, `text` (str) and `label`
-(a `ClassLabel` whose names are the task's label names; see `fedsb.data.schema`).
+Every loader returns `datasets.Dataset`s with the columns `text` (str), `text_pair` (str; only
+when a `text_pair_column` is named: a sentence-pair task) and `label` (a `ClassLabel` whose names
+are the task's label names; see `fedsb.data.schema`). Rows without a label (missing, empty or '-';
+a negative ClassLabel value on the hub) are an error; with `drop_unlabelled` they are dropped and
+counted in one logged line, and so are rows with any negative integer label (SNLI's -1).
 
 Data sources for `load_task` (the one entry point):
 
@@ -25,7 +28,7 @@ import math
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from datasets import ClassLabel, Dataset
@@ -159,14 +162,52 @@ def _normalise_label(value: Any) -> int | str:
     return str(value)
 
 
-def _clean_columns(texts: list, labels: list, where: str, text_column: str, label_column: str
-                   ) -> tuple[list[str], list[int | str]]:
-    for name, values in ((text_column, texts), (label_column, labels)):
+class _Rows(NamedTuple):
+    """A source's cleaned columns: texts, second texts (pair tasks; else None) and raw labels."""
+
+    texts: list[str]
+    pairs: list[str] | None
+    labels: list[int | str]
+
+
+def _is_unlabelled(value: Any, negative: bool) -> bool:
+    """A missing, empty or '-' label (SNLI's files), or with `negative` a negative integer (-1)."""
+    if _is_missing(value) or (isinstance(value, str) and value.strip() == "-"):
+        return True
+    label = _normalise_label(value)
+    return negative and isinstance(label, int) and label < 0
+
+
+def _rows(table: Dataset, where: str, text_column: str, label_column: str, text_pair_column: str | None,
+          drop_unlabelled: bool) -> _Rows:
+    """The text(s) and raw labels of a table; missing texts are an error, unlabelled rows too unless
+    `drop_unlabelled` (then they are dropped, and counted in one logged line)."""
+    text_columns = [text_column] + ([text_pair_column] if text_pair_column else [])
+    check_columns(table.column_names, [*text_columns, label_column], where)
+    labels = column(table, label_column)
+    texts = {name: column(table, name) for name in text_columns}
+    rows: Sequence[int] = range(len(labels))  # each kept row's number in the source
+    if drop_unlabelled:
+        rows = [i for i, v in enumerate(labels) if not _is_unlabelled(v, negative=True)]
+        if len(rows) < len(labels):
+            logger.info("dropped %d rows of %s whose label is missing or negative", len(labels) - len(rows),
+                        where)
+            labels = [labels[i] for i in rows]
+            texts = {name: [values[i] for i in rows] for name, values in texts.items()}
+        if not rows:
+            raise DataError(f"{where} has no labelled rows")
+    for name, values in texts.items():
         missing = [i for i, v in enumerate(values) if _is_missing(v)]
         if missing:
             raise DataError(f"column {name!r} in {where} has {len(missing)} missing or empty "
-                            f"value(s), first at row {missing[0]}")
-    return [str(t) for t in texts], [_normalise_label(v) for v in labels]
+                            f"value(s), first at row {rows[missing[0]]}")
+    unlabelled = [i for i, v in enumerate(labels) if _is_unlabelled(v, negative=False)]
+    if unlabelled:
+        raise DataError(f"column {label_column!r} in {where} has {len(unlabelled)} missing, empty or '-' "
+                        f"label(s), first at row {rows[unlabelled[0]]}; set data.drop_unlabelled=true "
+                        "to drop such rows")
+    pairs = [str(t) for t in texts[text_pair_column]] if text_pair_column else None
+    return _Rows([str(t) for t in texts[text_column]], pairs, [_normalise_label(v) for v in labels])
 
 
 def derive_label_names(labels: Sequence[int | str]) -> list[str]:
@@ -203,33 +244,38 @@ def encode_labels(labels: Sequence[int | str], label_names: Sequence[str], where
 
 def _unlabelled(where: str, negative: Sequence[int]) -> str:
     return (f"{where} has negative labels {list(negative)[:5]}: the split looks unlabelled "
-            f"(use a labelled split or file for testing)")
+            f"(use a labelled split or file for testing, or set data.drop_unlabelled=true to drop "
+            f"such rows)")
 
 
 # --------------------------------------------------------------------------------------------
 # Loaders: a local file, a hub split
 # --------------------------------------------------------------------------------------------
 
-def _read_local(path: str | Path, text_column: str, label_column: str
-                ) -> tuple[list[str], list[int | str]]:
+def _read_local(path: str | Path, text_column: str, label_column: str, text_pair_column: str | None = None,
+                drop_unlabelled: bool = False) -> _Rows:
     path = Path(path).expanduser()
-    table = _read_table(path)
-    check_columns(table.column_names, [text_column, label_column], str(path))
-    return _clean_columns(column(table, text_column), column(table, label_column), str(path),
-                          text_column, label_column)
+    return _rows(_read_table(path), str(path), text_column, label_column, text_pair_column,
+                 drop_unlabelled)
+
+
+def _dataset(rows: _Rows, names: Sequence[str], where: str) -> Dataset:
+    return make_dataset(rows.texts, encode_labels(rows.labels, names, where), names, rows.pairs)
 
 
 def load_file(path: str | Path, *, text_column: str = TEXT, label_column: str = LABEL,
-              label_names: Sequence[str] | None = None) -> tuple[Dataset, list[str]]:
+              label_names: Sequence[str] | None = None, text_pair_column: str | None = None,
+              drop_unlabelled: bool = False) -> tuple[Dataset, list[str]]:
     """Load a local .csv/.tsv/.json/.jsonl/.parquet file as a (text, label) dataset.
 
     Labels may be strings or integers; without `label_names` they are derived from this file
     (see `derive_label_names`). Pass the train file's names when loading its test file, or
-    use `load_task`, which derives them from both.
+    use `load_task`, which derives them from both. `text_pair_column` adds a `text_pair`
+    column (a sentence-pair task); `drop_unlabelled` drops rows without a label (see `_rows`).
     """
-    texts, raw = _read_local(path, text_column, label_column)
-    names = list(label_names) if label_names is not None else derive_label_names(raw)
-    return make_dataset(texts, encode_labels(raw, names, str(path)), names), names
+    rows = _read_local(path, text_column, label_column, text_pair_column, drop_unlabelled)
+    names = list(label_names) if label_names is not None else derive_label_names(rows.labels)
+    return _dataset(rows, names, str(path)), names
 
 
 def parse_hf_source(source: str) -> tuple[str, str | None]:
@@ -241,8 +287,9 @@ def parse_hf_source(source: str) -> tuple[str, str | None]:
     return name, config or None
 
 
-def _read_hf(name: str, config: str | None, split: str, text_column: str, label_column: str
-             ) -> tuple[list[str], list[int | str], list[str] | None]:
+def _read_hf(name: str, config: str | None, split: str, text_column: str, label_column: str,
+             text_pair_column: str | None = None, drop_unlabelled: bool = False
+             ) -> tuple[_Rows, list[str] | None]:
     import datasets  # imported here so tests can monkeypatch `datasets.load_dataset`
 
     where = f"hub dataset {name!r}" + (f" (config {config!r})" if config else "") + f" split {split!r}"
@@ -250,31 +297,31 @@ def _read_hf(name: str, config: str | None, split: str, text_column: str, label_
         ds = datasets.load_dataset(name, config, split=split)
     except ValueError as err:  # an unknown split is a ValueError naming the available ones
         raise DataError(f"cannot load {where}: {err}") from err
-    check_columns(list(ds.column_names), [text_column, label_column], where)
-    texts, labels = _clean_columns(column(ds, text_column), column(ds, label_column), where,
-                                   text_column, label_column)
+    rows = _rows(ds, where, text_column, label_column, text_pair_column, drop_unlabelled)
     feature = ds.features[label_column]
     if not isinstance(feature, ClassLabel):
-        return texts, labels, None
+        return rows, None
     # ClassLabel values are indices: turn them into their names so that encoding is by name
     # (a label named "1" at index 0 must not be read as index 1).
-    negative = sorted({v for v in labels if isinstance(v, int) and v < 0})
+    negative = sorted({v for v in rows.labels if isinstance(v, int) and v < 0})
     if negative:
         raise DataError(_unlabelled(where, negative))
     names = list(feature.names)
-    return texts, [names[int(v)] for v in labels], names
+    return rows._replace(labels=[names[int(v)] for v in rows.labels]), names
 
 
 def load_hf(name: str, *, split: str = "train", config: str | None = None,
             text_column: str = TEXT, label_column: str = LABEL,
-            label_names: Sequence[str] | None = None) -> tuple[Dataset, list[str]]:
+            label_names: Sequence[str] | None = None, text_pair_column: str | None = None,
+            drop_unlabelled: bool = False) -> tuple[Dataset, list[str]]:
     """Load one split of a Hugging Face hub dataset (`datasets.load_dataset`) as (text, label).
 
     A `ClassLabel` label column keeps its names; other labels are treated as in `load_file`.
     """
-    texts, raw, hub_names = _read_hf(name, config, split, text_column, label_column)
-    names = list(label_names or hub_names or derive_label_names(raw))
-    return make_dataset(texts, encode_labels(raw, names, f"{name} split {split!r}"), names), names
+    rows, hub_names = _read_hf(name, config, split, text_column, label_column, text_pair_column,
+                               drop_unlabelled)
+    names = list(label_names or hub_names or derive_label_names(rows.labels))
+    return _dataset(rows, names, f"{name} split {split!r}"), names
 
 
 # --------------------------------------------------------------------------------------------
@@ -316,8 +363,11 @@ def load_task(
     label_noise: float = 0.0,
     label_names: Sequence[str] | None = None,
     seed: int = 0,
+    text_pair_column: str | None = None,
+    drop_unlabelled: bool = False,
 ) -> tuple[Dataset, Dataset, list[str]]:
-    """Load a task: (train, test, label_names), both datasets with columns `text` and `label`.
+    """Load a task: (train, test, label_names), both datasets with columns `text` and `label`
+    (and `text_pair`, the second text of each example, when `text_pair_column` is named).
 
     `source` is 'synthetic', a local file path, or 'hf:<name>[:<config>]' (see module doc).
 
@@ -330,10 +380,13 @@ def load_task(
 
     `num_examples` / `num_test` cap real datasets by a seeded random subsample (None: all).
     `label_names` fixes the label order (otherwise strings sort, integers keep their order).
+    `drop_unlabelled` drops the rows of real datasets that have no label (SNLI's -1 or '-').
     """
     if source == SYNTHETIC:
         if label_names is not None:
             raise DataError("label_names cannot be set for the synthetic task (its names are topics)")
+        if text_pair_column is not None:
+            raise DataError("text_pair_column cannot be set for the synthetic task (it has one text)")
         n_train = 2000 if num_examples is None else num_examples
         n_test = 500 if num_test is None else num_test
         train = synthetic_dataset(n_train, num_classes, seed, label_noise=label_noise)
@@ -342,20 +395,22 @@ def load_task(
         test = synthetic_dataset(n_test, num_classes, test_seed)
         return train, test, synthetic_label_names(num_classes)
 
+    columns = (text_column, label_column, text_pair_column, drop_unlabelled)
+    test_rows: _Rows | None = None
     if source.startswith(HF_PREFIX):
         name, config = parse_hf_source(source)
-        texts, raw, hub_names = _read_hf(name, config, train_split, text_column, label_column)
-        test_raw = (_read_hf(name, config, test_split, text_column, label_column)
-                    if test_split is not None else None)
+        rows, hub_names = _read_hf(name, config, train_split, *columns)
+        if test_split is not None:
+            test_rows = _read_hf(name, config, test_split, *columns)[0]
         train_where, test_where = f"{name} split {train_split!r}", f"{name} split {test_split!r}"
     else:
         path = Path(source).expanduser()
         if not path.suffix and not path.exists():
             raise DataError(f"unknown data source {source!r}: expected {SYNTHETIC!r}, a local file "
                             f"({', '.join(sorted(EXTENSIONS))}) or '{HF_PREFIX}<name>[:<config>]'")
-        texts, raw = _read_local(path, text_column, label_column)
-        hub_names = None
-        test_raw = (*_read_local(test_file, text_column, label_column), None) if test_file else None
+        rows, hub_names = _read_local(path, *columns), None
+        if test_file:
+            test_rows = _read_local(test_file, *columns)
         train_where, test_where = str(path), str(test_file)
 
     if label_names is not None:
@@ -363,12 +418,12 @@ def load_task(
     elif hub_names is not None:
         names = hub_names
     else:
-        names = derive_label_names(raw + (test_raw[1] if test_raw else []))
-    train = make_dataset(texts, encode_labels(raw, names, train_where), names)
-    if test_raw is None:
+        names = derive_label_names(rows.labels + (test_rows.labels if test_rows else []))
+    train = _dataset(rows, names, train_where)
+    if test_rows is None:
         train, test = split_train_test(train, test_fraction, seed)
     else:
-        test = make_dataset(test_raw[0], encode_labels(test_raw[1], names, test_where), names)
+        test = _dataset(test_rows, names, test_where)
     train = subsample(train, num_examples, seed)
     test = subsample(test, num_test, seed)
     logger.info("task %s: %d train / %d test examples, %d classes", source, len(train), len(test),

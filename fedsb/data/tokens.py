@@ -1,8 +1,9 @@
 """Tokenisation with a per-process cache, and the batchers that feed training and evaluation.
 
-`tokenize` turns a (text, label) dataset into padded int64 tensors once per process (a worker
-sees the same partition every round); `iterate_batches` slices them into batches with the
-all-padding tail trimmed, and `make_dataloader` wraps them in a DataLoader for Opacus.
+`tokenize` turns a (text, label) or (text, text_pair, label) dataset into padded int64 tensors
+once per process (a worker sees the same partition every round); `iterate_batches` slices them
+into batches with the all-padding tail trimmed, and `make_dataloader` wraps them in a DataLoader
+for Opacus. Every batcher keeps every tensor of the data (`token_type_ids` of pairs included).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from datasets import Dataset
 
 from fedsb.data.schema import LABEL, TEXT, DataError, check_columns, column
 
-TokenData = dict[str, torch.Tensor]  # input_ids, attention_mask, labels: (N, L), (N, L), (N,)
+# input_ids, attention_mask, labels: (N, L), (N, L), (N,); token_type_ids (N, L) for pairs.
+TokenData = dict[str, torch.Tensor]
 
 _CACHE_SIZE = 256
 _token_cache: OrderedDict[tuple, TokenData] = OrderedDict()
@@ -35,28 +37,38 @@ def _tokenizer_key(tokenizer: Any) -> tuple:
 
 
 def tokenize(ds: Dataset, tokenizer: Any, max_length: int = 64, *, text_column: str = TEXT,
-             label_column: str = LABEL, cache: bool = True) -> TokenData:
+             label_column: str = LABEL, text_pair_column: str | None = None, cache: bool = True
+             ) -> TokenData:
     """Tokenise a (text, label) dataset into padded int64 tensors that stack into batches.
 
     Returns {'input_ids': (N, max_length), 'attention_mask': (N, max_length), 'labels': (N,)}.
-    Texts are truncated to `max_length`. With `cache`, results are kept per process, keyed by
-    (dataset fingerprint, tokenizer, max_length, columns), so a worker tokenises each partition
-    once; the returned tensors are shared between callers and must not be modified in place.
+    With `text_pair_column` each example is the pair (text, text_pair), encoded as the tokenizer
+    encodes pairs (BERT: [CLS] a [SEP] b [SEP]), plus 'token_type_ids' (N, max_length) when the
+    tokenizer gives them (BERT: 0 on the first segment, 1 on the second).
+    Texts are truncated to `max_length` (pairs: the longer text first). With `cache`, results are
+    kept per process, keyed by (dataset fingerprint, tokenizer, max_length, columns), so a worker
+    tokenises each partition once; the returned tensors are shared between callers and must not
+    be modified in place.
     """
     if max_length < 2:
         raise DataError(f"max_length must be >= 2, got {max_length}")
-    key = (_dataset_key(ds), _tokenizer_key(tokenizer), max_length, text_column, label_column)
+    key = (_dataset_key(ds), _tokenizer_key(tokenizer), max_length, text_column, text_pair_column,
+           label_column)
     if cache and key in _token_cache:
         _token_cache.move_to_end(key)
         return _token_cache[key]
-    check_columns(ds.column_names, [text_column, label_column], "the dataset")
-    encoded = tokenizer(column(ds, text_column), padding="max_length", truncation=True,
+    pair = [text_pair_column] if text_pair_column else []
+    check_columns(ds.column_names, [text_column, *pair, label_column], "the dataset")
+    pairs = column(ds, text_pair_column) if text_pair_column else None
+    encoded = tokenizer(column(ds, text_column), pairs, padding="max_length", truncation=True,
                         max_length=max_length, return_tensors="pt")
     data: TokenData = {
         "input_ids": encoded["input_ids"].long(),
         "attention_mask": encoded["attention_mask"].long(),
         "labels": torch.as_tensor(np.asarray(column(ds, label_column), dtype=np.int64)),
     }
+    if pairs is not None and "token_type_ids" in encoded:
+        data["token_type_ids"] = encoded["token_type_ids"].long()
     if cache:
         _token_cache[key] = data
         while len(_token_cache) > _CACHE_SIZE:

@@ -69,7 +69,9 @@ class DataConfig:
     test_file: str | None = None  # a local test file; else test_fraction of the source is held out
     test_fraction: float = 0.2
     text_column: str = "text"
+    text_pair_column: str | None = None  # a second text column: sentence-pair tasks (SNLI's hypothesis)
     label_column: str = "label"
+    drop_unlabelled: bool = False  # drop rows without a label (SNLI's -1 or '-') instead of refusing them
     num_examples: int = 4000  # synthetic: examples generated; files: at most this many (0: all)
     num_classes: int = 4  # synthetic only
     max_test_examples: int = 1000  # centralised evaluation set size (0: all)

@@ -35,10 +35,12 @@ def load_task_data(config: ExperimentConfig) -> TaskData:
         d.source, text_column=d.text_column, label_column=d.label_column, test_file=d.test_file,
         num_examples=d.num_examples or None, num_test=d.max_test_examples or None,
         test_fraction=d.test_fraction, num_classes=d.num_classes, seed=config.seed,
+        text_pair_column=d.text_pair_column, drop_unlabelled=d.drop_unlabelled,
     )
     if d.val_file is not None:
         validation, _ = load_file(d.val_file, text_column=d.text_column, label_column=d.label_column,
-                                  label_names=names)
+                                  label_names=names, text_pair_column=d.text_pair_column,
+                                  drop_unlabelled=d.drop_unlabelled)
     else:  # held out of the training pool before anything else: no client ever sees it
         train, validation = split_train_test(train, d.val_fraction, config.seed)
     validation = subsample(validation, d.max_val_examples or None, config.seed).flatten_indices()

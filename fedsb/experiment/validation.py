@@ -82,6 +82,12 @@ def validate(c: ExperimentConfig) -> None:
     _require(0 < c.data.val_fraction < 1, "data.val_fraction", c.data.val_fraction, "a number in (0, 1)")
     _require(c.data.max_val_examples >= 0, "data.max_val_examples", c.data.max_val_examples,
              "an integer >= 0")
+    pair = c.data.text_pair_column
+    _require(pair is None or (bool(pair) and pair not in (c.data.text_column, c.data.label_column)),
+             "data.text_pair_column", pair, "null or a column name other than data.text_column and "
+             "data.label_column")
+    _require(pair is None or c.data.source != "synthetic", "data.text_pair_column", pair,
+             "null with data.source=synthetic (the generated task has one text)")
     source = c.data.source
     if source != "synthetic" and not source.startswith("hf:"):
         _require(Path(source).expanduser().is_file(), "data.source", source,

@@ -19,6 +19,7 @@ from datasets import Dataset
 from fedsb.core.adapters import COMPONENTS, HEAD, State, extract_state, load_state
 from fedsb.core.init import accumulate_gradients
 from fedsb.core.models import find_target_modules, load_model, load_tokenizer, resolve_device, resolve_dtype
+from fedsb.data.schema import TEXT_PAIR
 from fedsb.data.tokens import iterate_batches, tokenize
 from fedsb.experiment.cohort import hash_seed
 from fedsb.experiment.config import ExperimentConfig
@@ -53,7 +54,8 @@ class Worker:
         self.initial_head = extract_state(self.model, (HEAD,))
 
     def tokens(self, dataset: Dataset) -> dict[str, torch.Tensor]:
-        return tokenize(dataset, self.tokenizer, self.config.model.max_length)
+        return tokenize(dataset, self.tokenizer, self.config.model.max_length,
+                        text_pair_column=TEXT_PAIR if self.config.data.text_pair_column else None)
 
     @cached_property
     def test_tokens(self) -> dict[str, torch.Tensor]:
