@@ -5,11 +5,16 @@ when a `text_pair_column` is named: a sentence-pair task) and `label` (a `ClassL
 are the task's label names; see `fedsb.data.schema`). Rows without a label (missing, empty or '-';
 a negative ClassLabel value on the hub) are an error; with `drop_unlabelled` they are dropped and
 counted in one logged line, and so are rows with any negative integer label (SNLI's -1).
+The arithmetic task (`source: arithmetic`, a causal-LM instruction task) has the columns `prompt`,
+`response` and `label` (its operation).
 
 Data sources for `load_task` (the one entry point):
 
 - ``"synthetic"`` (default): a topic-classification task generated from the seed, so the
   simulator runs with no download (`fedsb.data.synthetic`).
+- ``"arithmetic"``: an instruction task (arithmetic word problems with GSM8K-style answers)
+  generated from the seed (`fedsb.data.arithmetic`); its datasets have columns `prompt`,
+  `response` and `label` (the operation) instead of `text` and `label`.
 - a local file path ending in .csv, .tsv, .json, .jsonl or .parquet, read by `datasets`'
   packaged builders; a separate test file is optional (without one, a stratified
   `test_fraction` of the file is held out).
@@ -34,11 +39,13 @@ import numpy as np
 from datasets import ClassLabel, Dataset
 from datasets.utils.logging import disable_progress_bar, enable_progress_bar, is_progress_bar_enabled
 
+from fedsb.data.arithmetic import ARITHMETIC, arithmetic_dataset, arithmetic_label_names
 from fedsb.data.schema import LABEL, TEXT, DataError, check_columns, column, make_dataset
 from fedsb.data.synthetic import synthetic_dataset, synthetic_label_names
 
-__all__ = ["DataError", "EXTENSIONS", "HF_PREFIX", "SYNTHETIC", "derive_label_names", "encode_labels",
-           "load_file", "load_hf", "load_task", "parse_hf_source", "split_train_test", "subsample"]
+__all__ = ["ARITHMETIC", "DataError", "EXTENSIONS", "HF_PREFIX", "SYNTHETIC", "derive_label_names",
+           "encode_labels", "load_file", "load_hf", "load_task", "parse_hf_source", "split_train_test",
+           "subsample"]
 
 logger = logging.getLogger(__name__)
 
@@ -348,6 +355,11 @@ def split_train_test(ds: Dataset, test_fraction: float, seed: int = 0) -> tuple[
     return parts["train"], parts["test"]
 
 
+def _test_seed(seed: int) -> int:
+    """An independent stream of the same seed (no clash with another run's training seed)."""
+    return int(np.random.SeedSequence([seed, 1]).generate_state(1)[0])
+
+
 def load_task(
     source: str = SYNTHETIC,
     *,
@@ -368,9 +380,14 @@ def load_task(
 ) -> tuple[Dataset, Dataset, list[str]]:
     """Load a task: (train, test, label_names), both datasets with columns `text` and `label`
     (and `text_pair`, the second text of each example, when `text_pair_column` is named).
+    (`prompt`, `response` and `label` for the arithmetic task).
 
     `source` is 'synthetic', a local file path, or 'hf:<name>[:<config>]' (see module doc).
 
+    - arithmetic: `num_examples` training (default 2000) and `num_test` test (default 500)
+      instruction examples (columns `prompt`, `response`, `label`); the test set comes from an
+      independent stream of the same seed and never shares a prompt with the training set
+      (`fedsb.data.arithmetic`). `num_classes` does not apply (the labels are its operations).
     - synthetic: `num_examples` training (default 2000) and `num_test` test (default 500)
       examples with `num_classes` topics; `label_noise` applies to training labels only; the
       test set comes from an independent stream of the same seed.
@@ -390,10 +407,17 @@ def load_task(
         n_train = 2000 if num_examples is None else num_examples
         n_test = 500 if num_test is None else num_test
         train = synthetic_dataset(n_train, num_classes, seed, label_noise=label_noise)
-        # An independent stream of the same seed (no clash with another run's training seed).
-        test_seed = int(np.random.SeedSequence([seed, 1]).generate_state(1)[0])
-        test = synthetic_dataset(n_test, num_classes, test_seed)
+        test = synthetic_dataset(n_test, num_classes, _test_seed(seed))
         return train, test, synthetic_label_names(num_classes)
+
+    if source == ARITHMETIC:
+        if label_names is not None:
+            raise DataError("label_names cannot be set for the arithmetic task (its names are operations)")
+        if label_noise:
+            raise DataError("label_noise does not apply to the arithmetic task (its labels are not targets)")
+        train = arithmetic_dataset(2000 if num_examples is None else num_examples, seed, split="train")
+        test = arithmetic_dataset(500 if num_test is None else num_test, _test_seed(seed), split="test")
+        return train, test, arithmetic_label_names()
 
     columns = (text_column, label_column, text_pair_column, drop_unlabelled)
     test_rows: _Rows | None = None
