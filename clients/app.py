@@ -27,6 +27,7 @@ from fedsb.experiment.worker import Worker, get_worker, quiet_libraries
 from fedsb.federation.protocol import (
     ADAPTER_RECORD,
     CONFIG_RECORD,
+    GPU_PEAK_BYTES,
     INIT_GRADIENT_QUERY,
     INIT_RECORD,
     METRICS_RECORD,
@@ -136,10 +137,13 @@ def train(message: Message, context: Context) -> Message:
             # The hard budget: refuse, say why, send no update.
             return Message(RecordDict({METRICS_RECORD: MetricRecord({REFUSED: 1, **ledger.metrics()}),
                                        REFUSAL_RECORD: ConfigRecord({"reason": reason})}), reply_to=message)
+        worker.peak_memory()  # start this client's measurement (the actor may have run another before)
         upload, result = worker.train_client(_partition_id(context), state, server_round, ledger)
     # The aggregation weight: the client's number of training examples (FedAvg), or 1 (uniform).
     weight = worker.aggregation_weight(_partition_id(context))
     metrics = {NUM_EXAMPLES: weight, "steps": result.steps, **(ledger.metrics() if ledger else {})}
+    if (peak := worker.peak_memory()) is not None:
+        metrics[GPU_PEAK_BYTES] = peak
     if math.isfinite(result.loss):  # DP training does not release its loss
         metrics["train-loss"] = result.loss
     return Message(RecordDict({ADAPTER_RECORD: to_record(upload), METRICS_RECORD: MetricRecord(metrics)}),

@@ -267,6 +267,7 @@ def _run_run(args: argparse.Namespace) -> int:
 
     overrides = dict(parse_override(item) for item in args.set)
     outcome = run_simulation(args.config, overrides, app_dir=args.app, cpus_per_client=args.cpus_per_client,
+                             gpus_per_client=args.gpus_per_client,
                              stream=not args.quiet, echo=lambda line: print(line, flush=True))
     return 0 if outcome.ok else 1
 

@@ -28,6 +28,7 @@ from fedsb.experiment.run_config import from_run_config
 from fedsb.experiment.rundir import run_dir_for, write_config
 from fedsb.experiment.summary import RunSummary
 from fedsb.experiment.worker import Worker, get_worker, quiet_libraries
+from fedsb.federation.progress import ProgressGrid
 from fedsb.federation.protocol import (
     CONFIG_RECORD,
     INIT_GRADIENT_QUERY,
@@ -96,12 +97,17 @@ def run_server(grid: Grid, run_config: dict[str, Any]) -> ServerRun:
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         """Every round: the validation split (which every choice looks at); also the bookkeeping."""
         round_state = to_state(arrays)
+        worker.peak_memory()
         evaluation = worker.evaluate_global(round_state, "validation")
+        server_peak = worker.peak_memory()
         extra: dict[str, Any] = {}
+        if server_peak is not None:
+            extra["gpu_peak_bytes"] = server_peak
         if server_round in strategy.rounds:
             r = strategy.rounds[server_round]
-            extra = {"clients": r.cohort, "accepted": r.accepted, "rejected": r.rejected,
-                     "train_loss": r.train_loss}
+            extra.update(clients=r.cohort, accepted=r.accepted, rejected=r.rejected, train_loss=r.train_loss)
+            if r.gpu_peak_bytes is not None:
+                extra["gpu_peak_bytes"] = max(r.gpu_peak_bytes, server_peak or 0)
             extra.update({f"client_{k}": v for k, v in r.client_eval.items()})
             if budget is not None:
                 extra.update(epsilon_metrics(r.epsilons, budget.ledgers), refused=r.refused)
@@ -113,6 +119,8 @@ def run_server(grid: Grid, run_config: dict[str, Any]) -> ServerRun:
             chosen.update(round=server_round, state=round_state)
         return MetricRecord({"val-accuracy": evaluation["accuracy"], "val-loss": evaluation["loss"]})
 
+    # A round on a real model can take long: say how many clients have replied while it runs.
+    grid = ProgressGrid(grid, log=lambda line: log(INFO, "[%s] %s", label, line))
     (budget or strategy).start(grid, to_record(state), num_rounds=config.federation.rounds,
                                evaluate_fn=evaluate)
 

@@ -27,6 +27,7 @@ from fedsb.experiment.meter import Meter
 from fedsb.federation.protocol import (
     ADAPTER_RECORD,
     CONFIG_RECORD,
+    GPU_PEAK_BYTES,
     INIT_RECORD,
     METRICS_RECORD,
     NUM_EXAMPLES,
@@ -49,6 +50,7 @@ class RoundLog:
     epsilons: dict[int, float] = field(default_factory=dict)  # with DP: accepted clients' epsilon so far
     train_loss: float = math.nan
     client_eval: dict[str, float] = field(default_factory=dict)
+    gpu_peak_bytes: int | None = None  # the largest of the accepted clients' GPU peaks
 
 
 class FedsbStrategy(FedAvg):
@@ -123,6 +125,9 @@ class FedsbStrategy(FedAvg):
                 continue
             self.seen.add(pid)
             round_log.accepted.append(pid)
+            peak = reply.content[METRICS_RECORD].get(GPU_PEAK_BYTES)
+            if isinstance(peak, int):
+                round_log.gpu_peak_bytes = max(peak, round_log.gpu_peak_bytes or 0)
             uploads.append(upload)
             weights.append(1 if self.uniform_weights else num_examples)
             losses.append(loss)

@@ -58,6 +58,8 @@ class RunRecorder:
                 f"val loss {row.val_loss:.3f} | "
                 f"up {row.bytes_up:,} B, down {row.bytes_down:,} B (total up {row.cum_bytes_up:,} B, "
                 f"down {row.cum_bytes_down:,} B) | {row.wall_s:.1f} s")
+        if row.gpu_peak_bytes is not None:
+            line += f" | GPU peak {row.gpu_peak_bytes / 2**30:.2f} GiB"
         if row.epsilon_max_all is not None:
             line += f" | epsilon max {row.epsilon_max_all:.2f}"
         if row.rejected:

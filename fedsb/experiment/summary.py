@@ -69,6 +69,7 @@ class MetricsRow:
     epsilon_max: float | None = None  # over the clients that trained this round
     epsilon_mean: float | None = None
     epsilon_max_all: float | None = None  # over every client so far
+    gpu_peak_bytes: int | None = None  # on a GPU: the largest peak of the round's clients and the server
 
     def to_dict(self) -> dict[str, Any]:
         row = dataclasses.asdict(self)

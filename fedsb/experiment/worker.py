@@ -105,6 +105,14 @@ class Worker:
         result = train_local(self.model, self.method, batches(), t.local_steps, t.lr, t.optimizer)
         return self.upload(), result
 
+    def peak_memory(self) -> int | None:
+        """Peak bytes allocated on this process's GPU since the last call (None on the CPU)."""
+        if self.device.type != "cuda":
+            return None
+        peak = int(torch.cuda.max_memory_allocated(self.device))
+        torch.cuda.reset_peak_memory_stats(self.device)
+        return peak
+
     def upload(self) -> State:
         """What the client sends: the trained tensors, float32 on the CPU (the wire's format)."""
         trained = extract_state(self.model, self.method.trained)

@@ -46,29 +46,48 @@ class InProcessGrid:
         self.sent: list[Message] = []
         self.replies: list[Message] = []
         self._next_id = 0
+        self._queued: dict[str, Message] = {}  # pushed, not yet delivered
 
     def get_node_ids(self) -> list[int]:
         return list(self.contexts)
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        from clients.app import app as client_app
-
-        replies = []
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        """Queue messages; each is delivered (the ClientApp runs) when a pull asks for its reply."""
+        ids = []
         for message in messages:
             self._next_id += 1
             message.metadata.__dict__["_message_id"] = f"m{self._next_id}"  # the SuperLink sets it
             self.sent.append(message)
-            context = self.contexts[message.metadata.dst_node_id]
-            try:
-                with _threads(self.client_threads):
-                    reply = client_app(_copy(message), context)
-            except Exception as err:  # noqa: BLE001 - Flower turns any ClientApp exception into an error reply
-                reply = Message(Error(code=1, reason=f"{type(err).__name__}: {err}"), reply_to=message)
-            if self.tamper is not None:
-                reply = self.tamper(int(context.node_config["partition-id"]), reply)
-            self.replies.append(reply)
-            replies.append(reply)
+            self._queued[message.metadata.message_id] = message
+            ids.append(message.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        """The reply to the first queued message among message_ids (one client runs per pull)."""
+        for message_id in message_ids:
+            if message_id in self._queued:
+                return [self._deliver(self._queued.pop(message_id))]
+        return []
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        replies: list[Message] = []
+        for message_id in self.push_messages(messages):
+            replies.extend(self.pull_messages([message_id]))
         return replies
+
+    def _deliver(self, message: Message) -> Message:
+        from clients.app import app as client_app
+
+        context = self.contexts[message.metadata.dst_node_id]
+        try:
+            with _threads(self.client_threads):
+                reply = client_app(_copy(message), context)
+        except Exception as err:  # noqa: BLE001 - Flower turns any ClientApp exception into an error reply
+            reply = Message(Error(code=1, reason=f"{type(err).__name__}: {err}"), reply_to=message)
+        if self.tamper is not None:
+            reply = self.tamper(int(context.node_config["partition-id"]), reply)
+        self.replies.append(reply)
+        return reply
 
 
 def run_in_process(run_config: Mapping[str, Any], num_nodes: int | None = None, *,

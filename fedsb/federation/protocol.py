@@ -30,6 +30,7 @@ ADAPTER_RECORD = "arrays"  # the per-round tensors of a message
 INIT_RECORD = "init"  # one-time tensors: LoRA-SB's B and A down, a client's init gradient up
 METRICS_RECORD = "metrics"  # a reply's MetricRecord
 NUM_EXAMPLES = "num-examples"  # in it: the aggregation weight
+GPU_PEAK_BYTES = "gpu-peak-bytes"  # in it, on a GPU: the client's peak memory while it trained
 REFUSED = "refused"  # in it: 1 when a client refused to train (its privacy budget)
 # With DP, a reply's metrics also carry the client's privacy ledger:
 LEDGER_KEYS = ("epsilon", "delta", "target_epsilon", "noise_multiplier", "max_grad_norm", "sample_rate",

@@ -94,6 +94,10 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cpus-per-client", type=int, default=1, metavar="N",
                         help="CPU cores per virtual client (Flower's client-resources-num-cpus; also "
                              "torch's thread count in each client) (default: %(default)s)")
+    parser.add_argument("--gpus-per-client", type=float, default=0.0, metavar="F",
+                        help="GPUs per virtual client (Flower's client-resources-num-gpus): 0.25 lets four "
+                             "clients, each with its own copy of the base model, share one GPU "
+                             "(default: %(default)s, the CPU)")
     parser.add_argument("--app", type=Path, default=None, metavar="DIR",
                         help="the Flower app directory (default: the fedsb project root)")
 
@@ -124,10 +128,12 @@ def stream_log(run_id: int, env: Mapping[str, str], cwd: Path, log_file: Path,
 
 
 def run_simulation(config_path: str | Path | None, overrides: Mapping[str, Any] | None = None, *,
-                   app_dir: Path | None = None, cpus_per_client: int = 1, stream: bool = True,
+                   app_dir: Path | None = None, cpus_per_client: int = 1, gpus_per_client: float = 0.0,
+                   stream: bool = True,
                    echo: Callable[[str], None] = print, timeout_s: float = 6 * 3600) -> RunOutcome:
     """Validate, launch `flwr run` on a private SuperLink, wait for the final status, clean up."""
     config = load_config(config_path, overrides)  # stops here on a bad config: nothing started yet
+    check_resources(cpus_per_client, gpus_per_client)
     # The apps run in another working directory: make local data paths absolute.
     if config.data.source != "synthetic" and not config.data.source.startswith("hf:"):
         config.data.source = str(Path(config.data.source).expanduser().resolve())
@@ -147,7 +153,8 @@ def run_simulation(config_path: str | Path | None, overrides: Mapping[str, Any] 
         with local_superlink(workdir, log_file) as (env, _port):
             run_config = f"config='{run_dir / 'config.yaml'}' run-dir='{run_dir}'"
             reply = run_flwr(["run", str(app_dir), CONNECTION, "--federation-config",
-                              _federation(config, cpus_per_client), "--run-config", run_config],
+                              _federation(config, cpus_per_client, gpus_per_client), "--run-config",
+                              run_config],
                              env=env, cwd=workdir)
             if not reply.get("success"):
                 raise RuntimeError(f"flwr run refused the run: {reply.get('error-message', reply)}")
@@ -169,8 +176,30 @@ def run_simulation(config_path: str | Path | None, overrides: Mapping[str, Any] 
     return outcome
 
 
-def _federation(config: ExperimentConfig, cpus_per_client: int) -> str:
-    return f"num-supernodes={config.federation.num_clients} client-resources-num-cpus={cpus_per_client}"
+def check_resources(cpus_per_client: int, gpus_per_client: float) -> None:
+    """One clear line, before anything starts, for resources this machine cannot give a client."""
+    if cpus_per_client < 1:
+        raise ValueError(f"--cpus-per-client {cpus_per_client}: expected an integer >= 1")
+    if gpus_per_client < 0:
+        raise ValueError(f"--gpus-per-client {gpus_per_client:g}: expected a number >= 0")
+    if gpus_per_client > 0:
+        import torch
+
+        available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if available == 0:
+            raise ValueError(f"--gpus-per-client {gpus_per_client:g}: this machine has no CUDA device")
+        if gpus_per_client > available:
+            raise ValueError(f"--gpus-per-client {gpus_per_client:g}: this machine has {available} GPU(s)")
+
+
+def _federation(config: ExperimentConfig, cpus_per_client: int, gpus_per_client: float = 0.0) -> str:
+    """Flower's federation config: one SuperNode per client, each with these resources. Ray starts as
+    many client actors at once as the resources allow (e.g. 4 per GPU with 0.25 GPUs per client)."""
+    federation = (f"num-supernodes={config.federation.num_clients} "
+                  f"client-resources-num-cpus={cpus_per_client}")
+    if gpus_per_client > 0:
+        federation += f" client-resources-num-gpus={gpus_per_client:g}"
+    return federation
 
 
 def _wait(run_id: int, env: Mapping[str, str], cwd: Path, deadline: float) -> tuple[str, str]:

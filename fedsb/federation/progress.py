@@ -1,0 +1,59 @@
+"""A Grid wrapper that reports a round's progress while the clients work.
+
+Flower's `send_and_receive` is silent until every reply is in (or the timeout passes); on a real
+model one round can take many minutes. `ProgressGrid` sends through the wrapped grid's
+`push_messages` and collects with `pull_messages`, as Flower's own grids do, and logs how many of
+the cohort have replied, with an estimate of the time left, at most every `interval_s` seconds.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+
+from flwr.app import Message
+from flwr.serverapp import Grid
+
+POLL_S = 0.5  # between pulls that returned nothing
+
+
+class ProgressGrid:
+    """Delegates to `grid`; `send_and_receive` logs progress (and is otherwise Flower's)."""
+
+    def __init__(self, grid: Grid, log: Callable[[str], None], interval_s: float = 30.0):
+        self.grid = grid
+        self.log = log
+        self.interval_s = interval_s
+
+    def __getattr__(self, name: str):
+        return getattr(self.grid, name)  # get_node_ids, push_messages, pull_messages, ...
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None
+                         ) -> list[Message]:
+        messages = list(messages)
+        if not messages:
+            return []
+        what = f"round {messages[0].metadata.group_id or '?'} {messages[0].metadata.message_type}"
+        pending = set(self.grid.push_messages(messages))
+        total, replies = len(pending), []
+        start = last_line = time.monotonic()
+        deadline = None if timeout is None else start + timeout
+        while pending and (deadline is None or time.monotonic() < deadline):
+            pulled = list(self.grid.pull_messages(pending))
+            replies.extend(pulled)
+            pending.difference_update(m.metadata.reply_to_message_id for m in pulled)
+            now = time.monotonic()
+            if pending and now - last_line >= self.interval_s:
+                self.log(progress_line(what, total - len(pending), total, now - start))
+                last_line = now
+            if not pulled:
+                time.sleep(POLL_S)
+        return replies
+
+
+def progress_line(what: str, done: int, total: int, elapsed_s: float) -> str:
+    """'round 3 train: 5 of 8 clients replied in 120 s; about 72 s left' (a linear estimate)."""
+    line = f"{what}: {done} of {total} clients replied in {elapsed_s:.0f} s"
+    if done:
+        line += f"; about {elapsed_s / done * (total - done):.0f} s left"
+    return line
