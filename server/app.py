@@ -80,7 +80,8 @@ def run_server(grid: Grid, run_config: dict[str, Any]) -> ServerRun:
     plot_partition(run_dir, worker.data.partitions, worker.data.label_names)
     nodes = discover_clients(grid, config.federation.num_clients, float(run_config.get("node-wait-s", 60)))
     meter = Meter()
-    recorder = RunRecorder(run_dir, meter, label, log=lambda line: log(INFO, line))
+    recorder = RunRecorder(run_dir, meter, label, log=lambda line: log(INFO, line),
+                           accuracy_name="exact match" if worker.generates else "accuracy")
 
     client_gradients, init_ledgers = None, {}
     if worker.init_source == "clients":

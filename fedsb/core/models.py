@@ -46,6 +46,8 @@ DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
     "qwen2": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
 }
 
+ENCODERS = ("bert", "roberta", "distilbert")  # bidirectional unless loaded with is_decoder=True
+
 # Task heads that are trained (and averaged by every method), by name pattern.
 HEAD_PATTERNS: tuple[str, ...] = ("classifier", "score")
 
@@ -140,6 +142,10 @@ def load_model(
                 auto = AutoModelForSequenceClassification
             else:
                 auto = AutoModelForCausalLM
+                if AutoConfig.from_pretrained(source).model_type in ENCODERS:
+                    # An encoder as a causal LM (e.g. the packaged MiniLM): its attention must be
+                    # causal, or every token sees the next one and generation learns nothing.
+                    kwargs["is_decoder"] = True
             model = auto.from_pretrained(source, **kwargs)
     if model.config.pad_token_id is None and getattr(model.config, "eos_token_id", None) is not None:
         model.config.pad_token_id = model.config.eos_token_id

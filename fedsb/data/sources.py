@@ -61,7 +61,7 @@ EXTENSIONS: dict[str, str] = {".csv": "csv", ".tsv": "tsv", ".json": "json", ".j
 # Local files
 # --------------------------------------------------------------------------------------------
 
-def _read_table(path: Path) -> Dataset:
+def read_table(path: Path) -> Dataset:
     """Read a local file by its extension into a Dataset of all its columns."""
     suffix = path.suffix.lower()
     if suffix not in EXTENSIONS:
@@ -262,7 +262,7 @@ def _unlabelled(where: str, negative: Sequence[int]) -> str:
 def _read_local(path: str | Path, text_column: str, label_column: str, text_pair_column: str | None = None,
                 drop_unlabelled: bool = False) -> _Rows:
     path = Path(path).expanduser()
-    return _rows(_read_table(path), str(path), text_column, label_column, text_pair_column,
+    return _rows(read_table(path), str(path), text_column, label_column, text_pair_column,
                  drop_unlabelled)
 
 

@@ -65,7 +65,9 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"  # 'synthetic', a local file (csv/tsv/json/jsonl/parquet), or 'hf:<name>'
+    # 'synthetic' (topics) or 'arithmetic' (instructions: causal_lm), a local file
+    # (csv/tsv/json/jsonl/parquet), or 'hf:<name>[:<config>]'
+    source: str = "synthetic"
     test_file: str | None = None  # a local test file; else test_fraction of the source is held out
     test_fraction: float = 0.2
     text_column: str = "text"
@@ -80,6 +82,16 @@ class DataConfig:
     val_file: str | None = None
     val_fraction: float = 0.1
     max_val_examples: int = 500  # validation set size (0: all)
+    # Causal-LM instruction data (model.task=causal_lm): the prompt and response columns, an optional
+    # input column (Alpaca's), the prompt template, and label_column as an optional category for
+    # label-skewed partitions (null: one category, use partition.scheme=iid).
+    prompt_column: str = "prompt"
+    response_column: str = "response"
+    input_column: str | None = None
+    template: Literal["plain", "alpaca", "chat"] = "plain"
+    # A test set with other column names (MetaMathQA trains, GSM8K's question/answer tests); null: the same
+    test_prompt_column: str | None = None
+    test_response_column: str | None = None
 
 
 @dataclass
@@ -129,6 +141,9 @@ class TrainConfig:
 class EvalConfig:
     batch_size: int = 64
     client_eval: bool = False  # also evaluate the global adapter on each client's own data
+    # Causal LMs: exact match of greedily generated answers (every round on validation, and on test).
+    max_new_tokens: int = 32
+    answer_style: Literal["gsm8k", "last_number"] = "gsm8k"  # '#### <n>', or the last number in the text
 
 
 # --- privacy (fedsb.training.privacy.policy) ---------------------------------------------------------

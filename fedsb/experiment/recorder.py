@@ -21,11 +21,13 @@ class RunRecorder:
     the global state on the validation split.
     """
 
-    def __init__(self, run_dir: Path, meter: Meter, label: str, log: Callable[[str], None] = print):
+    def __init__(self, run_dir: Path, meter: Meter, label: str, log: Callable[[str], None] = print,
+                 accuracy_name: str = "accuracy"):
         self.run_dir = Path(run_dir)
         self.meter = meter
         self.label = label  # e.g. "fedsb r=16": the prefix of every log line
         self.log = log
+        self.accuracy_name = accuracy_name  # 'exact match' for a causal LM's generated answers
         self.start = time.monotonic()
         self.rows: list[MetricsRow] = []
         with open(self.run_dir / "comm.csv", "w", newline="") as f:
@@ -38,6 +40,7 @@ class RunRecorder:
         previous = self.rows[-1] if self.rows else None
         row = MetricsRow(
             round=server_round, val_accuracy=evaluation.get("accuracy"), val_loss=evaluation.get("loss"),
+            val_perplexity=evaluation.get("perplexity"),
             bytes_up=up, bytes_down=down,
             cum_bytes_up=(previous.cum_bytes_up if previous else 0) + up,
             cum_bytes_down=(previous.cum_bytes_down if previous else 0) + down,
@@ -54,8 +57,10 @@ class RunRecorder:
         return row
 
     def _line(self, row: MetricsRow) -> str:
-        line = (f"[{self.label}] round {row.round}: val accuracy {row.val_accuracy:.3f} "
-                f"val loss {row.val_loss:.3f} | "
+        line = (f"[{self.label}] round {row.round}: val {self.accuracy_name} {row.val_accuracy:.3f} "
+                f"val loss {row.val_loss:.3f} "
+                + (f"(perplexity {row.val_perplexity:.2f}) " if row.val_perplexity is not None else "")
+                + "| "
                 f"up {row.bytes_up:,} B, down {row.bytes_down:,} B (total up {row.cum_bytes_up:,} B, "
                 f"down {row.cum_bytes_down:,} B) | {row.wall_s:.1f} s")
         if row.gpu_peak_bytes is not None:

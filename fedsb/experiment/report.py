@@ -49,6 +49,8 @@ def run_setting(config: ExperimentConfig, worker: Worker, connected: int, run_di
         "partition": {"scheme": config.partition.scheme, "alpha": config.partition.alpha,
                       "label_counts": worker.data.stats(), "label_names": worker.data.label_names},
         "run_dir": str(run_dir),
+        "accuracy_metric": (f"exact match (greedy generation, {config.eval.answer_style} answers)"
+                            if worker.generates else "accuracy"),
     }
 
 

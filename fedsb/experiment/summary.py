@@ -70,6 +70,7 @@ class MetricsRow:
     epsilon_mean: float | None = None
     epsilon_max_all: float | None = None  # over every client so far
     gpu_peak_bytes: int | None = None  # on a GPU: the largest peak of the round's clients and the server
+    val_perplexity: float | None = None  # causal LMs: exp(val_loss), the response tokens' perplexity
 
     def to_dict(self) -> dict[str, Any]:
         row = dataclasses.asdict(self)
@@ -155,6 +156,9 @@ class RunSummary:
     communication: dict[str, Any]  # fedsb.experiment.meter.Meter.summary(): totals by direction
     wall_s: float
     privacy: PrivacySummary = field(default_factory=PrivacySummary)
+    # What the *_accuracy fields measure: 'accuracy' (classification), or 'exact match (...)' of a
+    # causal LM's greedily generated answers
+    accuracy_metric: str = "accuracy"
 
     def to_dict(self) -> dict[str, Any]:
         return json_safe(dataclasses.asdict(self))

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from datasets import Dataset
 
+from fedsb.data.instructions import load_instruction_file, load_instructions
 from fedsb.data.partition import partition_dataset, partition_stats
 from fedsb.data.sources import load_file, load_task, split_train_test, subsample
 from fedsb.experiment.config import ExperimentConfig
@@ -31,16 +32,13 @@ class TaskData:
 def load_task_data(config: ExperimentConfig) -> TaskData:
     """Load, split and partition the experiment's data, deterministically from the seed."""
     d, p = config.data, config.partition
-    train, test, names = load_task(
-        d.source, text_column=d.text_column, label_column=d.label_column, test_file=d.test_file,
-        num_examples=d.num_examples or None, num_test=d.max_test_examples or None,
-        test_fraction=d.test_fraction, num_classes=d.num_classes, seed=config.seed,
-        text_pair_column=d.text_pair_column, drop_unlabelled=d.drop_unlabelled,
-    )
+    if config.model.task == "causal_lm":
+        train, test, names = _load_instructions(config)
+    else:
+        train, test, names = _load_classification(config)
     if d.val_file is not None:
-        validation, _ = load_file(d.val_file, text_column=d.text_column, label_column=d.label_column,
-                                  label_names=names, text_pair_column=d.text_pair_column,
-                                  drop_unlabelled=d.drop_unlabelled)
+        validation = (_val_instructions(config, names) if config.model.task == "causal_lm"
+                      else _val_classification(config, names))
     else:  # held out of the training pool before anything else: no client ever sees it
         train, validation = split_train_test(train, d.val_fraction, config.seed)
     validation = subsample(validation, d.max_val_examples or None, config.seed).flatten_indices()
@@ -50,3 +48,38 @@ def load_task_data(config: ExperimentConfig) -> TaskData:
     partitions = partition_dataset(pool, config.federation.num_clients, p.scheme, alpha=p.alpha,
                                    classes_per_client=p.classes_per_client, seed=config.seed)
     return TaskData(pool, test, validation, server, partitions, names)
+
+
+def _load_classification(config: ExperimentConfig) -> tuple[Dataset, Dataset, list[str]]:
+    d = config.data
+    return load_task(
+        d.source, text_column=d.text_column, label_column=d.label_column, test_file=d.test_file,
+        num_examples=d.num_examples or None, num_test=d.max_test_examples or None,
+        test_fraction=d.test_fraction, num_classes=d.num_classes, seed=config.seed,
+        text_pair_column=d.text_pair_column, drop_unlabelled=d.drop_unlabelled,
+    )
+
+
+def _val_classification(config: ExperimentConfig, names: list[str]) -> Dataset:
+    d = config.data
+    return load_file(d.val_file, text_column=d.text_column, label_column=d.label_column, label_names=names,
+                     text_pair_column=d.text_pair_column, drop_unlabelled=d.drop_unlabelled)[0]
+
+
+def _instruction_columns(config: ExperimentConfig) -> dict:
+    d = config.data
+    return dict(prompt_column=d.prompt_column, response_column=d.response_column,
+                input_column=d.input_column, category_column=d.label_column)
+
+
+def _load_instructions(config: ExperimentConfig) -> tuple[Dataset, Dataset, list[str]]:
+    d = config.data
+    return load_instructions(d.source, **_instruction_columns(config), test_file=d.test_file,
+                             num_examples=d.num_examples or None, num_test=d.max_test_examples or None,
+                             test_fraction=d.test_fraction, seed=config.seed,
+                             test_prompt_column=d.test_prompt_column,
+                             test_response_column=d.test_response_column)
+
+
+def _val_instructions(config: ExperimentConfig, names: list[str]) -> Dataset:
+    return load_instruction_file(config.data.val_file, names, **_instruction_columns(config))

@@ -89,9 +89,15 @@ def validate(c: ExperimentConfig) -> None:
     _require(pair is None or c.data.source != "synthetic", "data.text_pair_column", pair,
              "null with data.source=synthetic (the generated task has one text)")
     source = c.data.source
-    if source != "synthetic" and not source.startswith("hf:"):
+    generated = {"classification": "synthetic", "causal_lm": "arithmetic"}
+    _require(source not in generated.values() or source == generated[c.model.task], "data.source", source,
+             f"'{generated[c.model.task]}' (the generated {c.model.task} task), a file or 'hf:<name>' "
+             f"with model.task={c.model.task}")
+    if source not in generated.values() and not source.startswith("hf:"):
         _require(Path(source).expanduser().is_file(), "data.source", source,
-                 "'synthetic', 'hf:<dataset name>', or an existing csv/tsv/json/jsonl/parquet file")
+                 "'synthetic', 'arithmetic', 'hf:<dataset name>', or an existing csv/tsv/json/jsonl/parquet "
+                 "file")
+    _require(c.eval.max_new_tokens >= 1, "eval.max_new_tokens", c.eval.max_new_tokens, "an integer >= 1")
     for name in ("test_file", "val_file"):
         value = getattr(c.data, name)
         if value is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from functools import cached_property
 from typing import TYPE_CHECKING
 
@@ -19,13 +20,15 @@ from datasets import Dataset
 from fedsb.core.adapters import COMPONENTS, HEAD, State, extract_state, load_state
 from fedsb.core.init import accumulate_gradients
 from fedsb.core.models import find_target_modules, load_model, load_tokenizer, resolve_device, resolve_dtype
-from fedsb.data.schema import TEXT_PAIR
-from fedsb.data.tokens import iterate_batches, tokenize
+from fedsb.data.instructions import INPUT, RESPONSE
+from fedsb.data.schema import TEXT_PAIR, column
+from fedsb.data.tokens import iterate_batches, tokenize, tokenize_instructions, tokenize_prompts
 from fedsb.experiment.cohort import hash_seed
 from fedsb.experiment.config import ExperimentConfig
 from fedsb.experiment.task import load_task_data
 from fedsb.methods import build_method
 from fedsb.methods.base import FederatedMethod
+from fedsb.training.generation import generation_accuracy
 from fedsb.training.local import TrainResult, evaluate, to_device, train_local
 
 if TYPE_CHECKING:
@@ -53,9 +56,25 @@ class Worker:
         # initial weights so each run starts from them, not from the last state loaded.
         self.initial_head = extract_state(self.model, (HEAD,))
 
+    @property
+    def generates(self) -> bool:
+        """A causal LM: evaluated by the exact match of its greedily generated answers."""
+        return self.config.model.task == "causal_lm"
+
     def tokens(self, dataset: Dataset) -> dict[str, torch.Tensor]:
-        return tokenize(dataset, self.tokenizer, self.config.model.max_length,
-                        text_pair_column=TEXT_PAIR if self.config.data.text_pair_column else None)
+        """Training (and teacher-forced loss) tensors: class labels, or response-only token labels."""
+        d, length = self.config.data, self.config.model.max_length
+        if self.generates:
+            return tokenize_instructions(dataset, self.tokenizer, length, template=d.template,
+                                         input_column=INPUT if d.input_column else None)
+        return tokenize(dataset, self.tokenizer, length,
+                        text_pair_column=TEXT_PAIR if d.text_pair_column else None)
+
+    def prompt_tokens(self, dataset: Dataset) -> dict[str, torch.Tensor]:
+        """The prompts alone, left-padded, for generation."""
+        d = self.config.data
+        return tokenize_prompts(dataset, self.tokenizer, self.config.model.max_length, template=d.template,
+                                input_column=INPUT if d.input_column else None)
 
     @cached_property
     def test_tokens(self) -> dict[str, torch.Tensor]:
@@ -181,7 +200,19 @@ class Worker:
             raise ValueError(f"split must be 'validation' or 'test', got {split!r}")
         load_state(self.model, state)
         tokens = self.validation_tokens if split == "validation" else self.test_tokens
-        return evaluate(self.model, iterate_batches(tokens, self.config.eval.batch_size, shuffle=False))
+        metrics = evaluate(self.model, iterate_batches(tokens, self.config.eval.batch_size, shuffle=False))
+        if not self.generates:
+            return metrics
+        # A causal LM: `accuracy` is the exact match of its generated answers (the number a run reports
+        # and chooses on); the teacher-forced loss, its perplexity and the next-token accuracy beside it.
+        dataset = self.data.validation if split == "validation" else self.data.test
+        e = self.config.eval
+        generated = generation_accuracy(self.model, self.tokenizer, self.prompt_tokens(dataset),
+                                        column(dataset, RESPONSE), batch_size=e.batch_size,
+                                        max_new_tokens=e.max_new_tokens, style=e.answer_style)
+        return {"loss": metrics["loss"], "perplexity": math.exp(min(metrics["loss"], 50.0)),
+                "token_accuracy": metrics["accuracy"], "accuracy": generated["exact_match"],
+                "examples": generated["examples"]}
 
 
 def quiet_libraries() -> None:
