@@ -81,7 +81,7 @@ def run_method(name: str, model, args, device: torch.device) -> dict[str, float]
 
     method = build_method(name, model, find_target_modules(model), rank(name, args), float(rank(name, args)))
     gradients = None
-    if name == "fedsb":  # the LoRA-SB init from 16 examples' gradient at the base model
+    if method.init_gradients:  # e.g. the LoRA-SB init, from 16 examples' gradient at the base model
         gradients = accumulate_gradients(model, list(method.specs), random_batches(2, 8, args.seq, 99), 16)
     steps_total = args.clients * args.rounds * args.steps
     lr_eff = 1e-4 / (args.rounds * args.steps)

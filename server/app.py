@@ -134,9 +134,10 @@ def run_server(grid: Grid, run_config: dict[str, Any]) -> ServerRun:
                                privacy=privacy_summary(config, budget.ledgers if budget else {}))
     export = export_adapter(run_dir, _fresh_base_model(config, worker), worker.method,
                             strategy.global_state, config.model.task)
-    log(INFO, "[%s] test accuracy %.3f at round %s (chosen on validation: %.3f); last round's test accuracy "
-        "%.3f; sent up %s B, down %s B; adapter: %s", label, summary.test_accuracy, summary.best_round,
-        summary.best_val_accuracy, summary.final_test_accuracy,
+    metric = recorder.accuracy_name
+    log(INFO, "[%s] test %s %.3f at round %s (chosen on validation: %.3f); last round's test %s "
+        "%.3f; sent up %s B, down %s B; adapter: %s", label, metric, summary.test_accuracy,
+        summary.best_round, summary.best_val_accuracy, metric, summary.final_test_accuracy,
         f"{summary.bytes_total('up'):,}", f"{summary.bytes_total('down'):,}", export)
     return ServerRun(strategy, budget, summary, run_dir)
 

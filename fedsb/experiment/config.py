@@ -63,6 +63,15 @@ class ModelConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
 
+# The generated tasks (no file, no hub), by model.task: the topics and the arithmetic instructions.
+GENERATED_SOURCES = {"classification": "synthetic", "causal_lm": "arithmetic"}
+
+
+def is_file_source(source: str) -> bool:
+    """A local data file (as opposed to a generated task or 'hf:<name>')."""
+    return source not in GENERATED_SOURCES.values() and not source.startswith("hf:")
+
+
 @dataclass
 class DataConfig:
     # 'synthetic' (topics) or 'arithmetic' (instructions: causal_lm), a local file

@@ -89,18 +89,22 @@ def validate(c: ExperimentConfig) -> None:
     _require(pair is None or c.data.source != "synthetic", "data.text_pair_column", pair,
              "null with data.source=synthetic (the generated task has one text)")
     source = c.data.source
-    generated = {"classification": "synthetic", "causal_lm": "arithmetic"}
+    from fedsb.experiment.config import GENERATED_SOURCES as generated
+    from fedsb.experiment.config import is_file_source
+
     _require(source not in generated.values() or source == generated[c.model.task], "data.source", source,
              f"'{generated[c.model.task]}' (the generated {c.model.task} task), a file or 'hf:<name>' "
              f"with model.task={c.model.task}")
-    if source not in generated.values() and not source.startswith("hf:"):
+    if is_file_source(source):
         _require(Path(source).expanduser().is_file(), "data.source", source,
                  "'synthetic', 'arithmetic', 'hf:<dataset name>', or an existing csv/tsv/json/jsonl/parquet "
                  "file")
     _require(c.eval.max_new_tokens >= 1, "eval.max_new_tokens", c.eval.max_new_tokens, "an integer >= 1")
     for name in ("test_file", "val_file"):
         value = getattr(c.data, name)
-        if value is not None:
+        # a causal LM's test set may be another hub dataset (GSM8K after MetaMathQA)
+        hub_ok = name == "test_file" and c.model.task == "causal_lm" and str(value).startswith("hf:")
+        if value is not None and not hub_ok:
             _require(Path(value).expanduser().is_file(), f"data.{name}", value, "an existing file or null")
     # privacy (fedsb.training.privacy.policy) -------------------------------------------------------
     pv = c.privacy

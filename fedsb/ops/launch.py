@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedsb.experiment.config import ExperimentConfig, load_config
+from fedsb.experiment.config import ExperimentConfig, is_file_source, load_config
 from fedsb.experiment.rundir import run_dir_for, write_config
 from fedsb.ops.flwr_cli import COMPLETED, FINISHED, flower_env, run_flwr, write_connection
 from fedsb.ops.processes import free_ports, spawn, stop_processes, wait_until
@@ -135,10 +135,12 @@ def run_simulation(config_path: str | Path | None, overrides: Mapping[str, Any] 
     config = load_config(config_path, overrides)  # stops here on a bad config: nothing started yet
     check_resources(cpus_per_client, gpus_per_client)
     # The apps run in another working directory: make local data paths absolute.
-    if config.data.source != "synthetic" and not config.data.source.startswith("hf:"):
+    if is_file_source(config.data.source):
         config.data.source = str(Path(config.data.source).expanduser().resolve())
-    if config.data.test_file:
-        config.data.test_file = str(Path(config.data.test_file).expanduser().resolve())
+    for key in ("test_file", "val_file"):
+        value = getattr(config.data, key)
+        if value and is_file_source(value):
+            setattr(config.data, key, str(Path(value).expanduser().resolve()))
     app_dir = (app_dir or project_dir()).resolve()
     run_dir = run_dir_for(config)
     write_config(run_dir, config.to_dict())
