@@ -37,8 +37,9 @@ LLAMA_TINY = dict(LLAMA_1B, hidden_size=64, intermediate_size=96, num_hidden_lay
 RANKS = {"fedit": 16, "ffa": 16, "fedex": 16, "fedsb": 64}
 
 
-def write_model(directory: Path, shape: dict) -> Path:
-    """A random-weight Llama-like causal LM and the packaged MiniLM tokenizer, saved as a model dir."""
+def write_model(directory: Path, shape: dict, tokenizer: str = "default") -> Path:
+    """A random-weight Llama-like causal LM and a tokenizer (the packaged MiniLM's, or the one in the
+    directory `tokenizer`), saved as one model directory."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from fedsb.core.models import load_tokenizer
@@ -46,7 +47,7 @@ def write_model(directory: Path, shape: dict) -> Path:
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**shape)).to(torch.bfloat16)
     model.save_pretrained(directory)
-    load_tokenizer("default").save_pretrained(directory)
+    load_tokenizer(tokenizer).save_pretrained(directory)
     return directory
 
 
@@ -87,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=4, help="local steps per client per round")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--methods", default="fedit,ffa,fedex,fedsb")
+    parser.add_argument("--tokenizer", default="default",
+                        help="a tokenizer directory (default: the packaged MiniLM's)")
     parser.add_argument("--dp", action="store_true", help="also run the first method under DP-SGD")
     parser.add_argument("--tiny", action="store_true",
                         help="a 2-layer model on any device: checks the script, measures nothing")
@@ -101,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     header = (f"{'method':<10} {'s/round':>8} {'GPU peak GiB':>12} {'up B/round':>12} {'down B/round':>13} "
               f"{'exact match':>11} {'epsilon':>8}")
     with tempfile.TemporaryDirectory(prefix="fedsb-gpu-") as tmp:
-        model_dir = write_model(Path(tmp) / "llama", LLAMA_TINY if args.tiny else LLAMA_1B)
+        model_dir = write_model(Path(tmp) / "llama", LLAMA_TINY if args.tiny else LLAMA_1B, args.tokenizer)
         print(header + "\n" + "-" * len(header), flush=True)
         methods = args.methods.split(",")
         jobs = [(m, False) for m in methods] + ([(methods[0], True)] if args.dp else [])
