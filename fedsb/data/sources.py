@@ -1,5 +1,8 @@
 """Task sources: local files, the Hugging Face hub, label normalisation, and `load_task`.
 
+(Over 400 lines on purpose: the file and hub readers share one row-cleaning and labelling rule,
+`_rows`, and `load_task` applies it to both; split apart they would import each other.)
+
 Every loader returns `datasets.Dataset`s with the columns `text` (str), `text_pair` (str; only
 when a `text_pair_column` is named: a sentence-pair task) and `label` (a `ClassLabel` whose names
 are the task's label names; see `fedsb.data.schema`). Rows without a label (missing, empty or '-';
