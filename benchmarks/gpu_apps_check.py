@@ -40,14 +40,17 @@ RANKS = {"fedit": 16, "ffa": 16, "fedex": 16, "fedsb": 64}
 def write_model(directory: Path, shape: dict, tokenizer: str = "default") -> Path:
     """A random-weight Llama-like causal LM and a tokenizer (the packaged MiniLM's, or the one in the
     directory `tokenizer`), saved as one model directory."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from fedsb.core.models import load_tokenizer
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**shape)).to(torch.bfloat16)
     model.save_pretrained(directory)
-    load_tokenizer(tokenizer).save_pretrained(directory)
+    if tokenizer == "default":
+        load_tokenizer("default").save_pretrained(directory)
+    else:
+        AutoTokenizer.from_pretrained(tokenizer).save_pretrained(directory)
     return directory
 
 
