@@ -48,6 +48,9 @@ class Worker:
         self.device = resolve_device(m.device)
         self.model = load_model(m.name, task=m.task, num_labels=num_labels, seed=config.seed,
                                 dtype=resolve_dtype(m.dtype, self.device), device=self.device)
+        if config.train.gradient_checkpointing:
+            # Non-reentrant: gradients reach the adapters although every base weight is frozen.
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.tokenizer = load_tokenizer(m.name)
         targets = find_target_modules(self.model, m.target_modules)
         self.method: FederatedMethod = build_method(
