@@ -66,7 +66,7 @@ class SweepResult:
 
 
 def run_sweep(path: str | Path, *, runner: Runner | None = None, stream: bool = False,
-              cpus_per_client: int = 1, app_dir: Path | None = None,
+              cpus_per_client: int = 1, gpus_per_client: float = 0.0, app_dir: Path | None = None,
               echo: Callable[[str], None] = print, progress: TextIO | None = None) -> SweepResult:
     """Run every cell not yet completed, appending one sweep.csv row per cell as it ends.
 
@@ -94,7 +94,8 @@ def run_sweep(path: str | Path, *, runner: Runner | None = None, stream: bool = 
         for cell in todo:
             echo(f"[{cell.index}/{len(cells)}] run  {cell.label}")
             row = run_cell(spec, cell, runner, stream=stream, cpus_per_client=cpus_per_client,
-                           app_dir=app_dir, echo=lambda line: echo(f"    {line}"))
+                           gpus_per_client=gpus_per_client, app_dir=app_dir,
+                           echo=lambda line: echo(f"    {line}"))
             append_row(csv_path, spec.columns, row)
             ran.append(row)
             echo(f"[{cell.index}/{len(cells)}] {cell_outcome(row)}")
@@ -123,7 +124,8 @@ def run_sweep(path: str | Path, *, runner: Runner | None = None, stream: bool = 
 
 
 def run_cell(spec: SweepSpec, cell: Cell, runner: Runner, *, stream: bool = False, cpus_per_client: int = 1,
-             app_dir: Path | None = None, echo: Callable[[str], None] = print) -> dict[str, Any]:
+             gpus_per_client: float = 0.0, app_dir: Path | None = None,
+             echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Run one cell and return its sweep.csv row; a failed run is a row, never an exception.
 
     (A finished run whose summary.json does not match the schema does raise: that is a bug of the
@@ -139,8 +141,9 @@ def run_cell(spec: SweepSpec, cell: Cell, runner: Runner, *, stream: bool = Fals
         return _finish(row)
     row.update(config_fields(config))
     try:
+        gpus = {"gpus_per_client": gpus_per_client} if gpus_per_client else {}  # CPU: runner default
         outcome = runner(spec.base, overrides, app_dir=app_dir, cpus_per_client=cpus_per_client,
-                         stream=stream, echo=echo)
+                         stream=stream, echo=echo, **gpus)
     except Exception as err:  # any failure of one cell is that cell's result: the sweep goes on
         row.update(status=ERROR, error=f"{type(err).__name__}: {err}")
         return _finish(row)
