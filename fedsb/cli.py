@@ -259,13 +259,23 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
                              "(repeatable)")
     add_launch_arguments(parser)
     parser.add_argument("--quiet", action="store_true", help="do not stream the run's log")
+    parser.add_argument("--check", action="store_true",
+                        help="check the config, data, model and resources, print the run's plan and exit "
+                             "(no training, no Flower process)")
 
 
 def _run_run(args: argparse.Namespace) -> int:
     from fedsb.experiment.config import parse_override
-    from fedsb.ops.launch import run_simulation
+    from fedsb.ops.launch import prepare_run, run_simulation
 
     overrides = dict(parse_override(item) for item in args.set)
+    if args.check:
+        from fedsb.experiment.plan import format_plan
+
+        _config, plan = prepare_run(args.config, overrides, args.cpus_per_client, args.gpus_per_client)
+        print(format_plan(plan))
+        print(f"fedsb run --check: {args.config} is ready to run")
+        return 0
     outcome = run_simulation(args.config, overrides, app_dir=args.app, cpus_per_client=args.cpus_per_client,
                              gpus_per_client=args.gpus_per_client,
                              stream=not args.quiet, echo=lambda line: print(line, flush=True))

@@ -41,9 +41,28 @@ def column(ds: Dataset, name: str) -> list:
     return values if isinstance(values, list) else list(values)
 
 
-def check_columns(available: Sequence[str], wanted: Sequence[str], where: str) -> None:
-    """A one-line DataError naming the first of `wanted` missing from `available`."""
+class MissingColumnError(DataError):
+    """A named column that the source does not have; `column` is the name that was asked for."""
+
+    def __init__(self, message: str, column: str):
+        super().__init__(message)
+        self.column = column
+
+
+def short(text: object, width: int = 20) -> str:
+    """`text` as a string of at most `width` characters (an ellipsis marks a cut)."""
+    value = " ".join(str(text).split())
+    return value if len(value) <= width else value[:width - 1] + "\u2026"
+
+
+def check_columns(available: Sequence[str], wanted: Sequence[str], where: str, hint: str = "") -> None:
+    """A one-line MissingColumnError naming the first of `wanted` missing from `available`.
+
+    The available columns are listed each cut to 20 characters (a headerless file's "columns"
+    are its first row's values); `hint` is appended after a semicolon.
+    """
     for name in wanted:
         if name not in available:
-            raise DataError(f"column {name!r} not found in {where}; "
-                            f"available columns: {', '.join(map(str, available)) or '(none)'}")
+            found = ", ".join(short(a) for a in available) or "(none)"
+            raise MissingColumnError(f"column {name!r} not found in {where}; available columns: {found}"
+                                     + (f"; {hint}" if hint else ""), name)

@@ -64,8 +64,12 @@ EXTENSIONS: dict[str, str] = {".csv": "csv", ".tsv": "tsv", ".json": "json", ".j
 # Local files
 # --------------------------------------------------------------------------------------------
 
-def read_table(path: Path) -> Dataset:
-    """Read a local file by its extension into a Dataset of all its columns."""
+def read_table(path: Path, header: bool = True) -> Dataset:
+    """Read a local file by its extension into a Dataset of all its columns.
+
+    `header=False`: a csv/tsv file without a header row, whose columns are named by position,
+    "0", "1", ... (json and parquet files name their columns themselves).
+    """
     suffix = path.suffix.lower()
     if suffix not in EXTENSIONS:
         raise DataError(f"unsupported file extension {suffix or '(none)'!r} for {path}; "
@@ -75,6 +79,8 @@ def read_table(path: Path) -> Dataset:
     if not path.is_file():
         raise DataError(f"data path is not a file: {path}")
     kind = EXTENSIONS[suffix]
+    if not header and kind not in ("csv", "tsv"):
+        raise DataError(f"{path}: only csv and tsv files can be read without a header row")
     # One chunk per file (CSV chunks count rows, JSON chunks bytes; a file has no more rows
     # than bytes): `datasets` infers column types per chunk and fails when a later chunk
     # disagrees (numbers-only sentences after row 10,000, say). Whole-file inference is what a
@@ -89,6 +95,8 @@ def read_table(path: Path) -> Dataset:
         options: dict[str, Any] = {"keep_default_na": False, "chunksize": whole}
         if kind == "tsv":
             options.update(sep="\t", quoting=csv.QUOTE_NONE)
+        if not header:
+            options["header"] = None  # pandas names the columns 0, 1, ...; `datasets` makes them "0", "1"
         return _build(Dataset.from_csv, path, **options)
     except (DataError, FileNotFoundError):
         raise
@@ -188,12 +196,26 @@ def _is_unlabelled(value: Any, negative: bool) -> bool:
     return negative and isinstance(label, int) and label < 0
 
 
+def column_hint(columns: Sequence[str], header: bool = True) -> str:
+    """What to say when a file lacks a named column: a headerless file's first row read as its
+    header (names with spaces or over 20 characters, or numbers), or the positions to name."""
+    if not header:
+        return (f"without a header row (data.header=false) the columns are named by position, "
+                f"0..{len(columns) - 1}")
+    looks_like_data = any(len(c) > 20 or " " in c.strip() or c.strip().lstrip("-").isdigit() for c in columns)
+    if looks_like_data:
+        return ("the file seems to have no header row: add one, or set data.header=false and name the "
+                "columns by position (data.text_column=0, data.label_column=1)")
+    return ""
+
+
 def _rows(table: Dataset, where: str, text_column: str, label_column: str, text_pair_column: str | None,
-          drop_unlabelled: bool) -> _Rows:
+          drop_unlabelled: bool, hint: str = "") -> _Rows:
     """The text(s) and raw labels of a table; missing texts are an error, unlabelled rows too unless
-    `drop_unlabelled` (then they are dropped, and counted in one logged line)."""
+    `drop_unlabelled` (then they are dropped, and counted in one logged line). `hint` follows a
+    missing column's message."""
     text_columns = [text_column] + ([text_pair_column] if text_pair_column else [])
-    check_columns(table.column_names, [*text_columns, label_column], where)
+    check_columns(table.column_names, [*text_columns, label_column], where, hint)
     labels = column(table, label_column)
     texts = {name: column(table, name) for name in text_columns}
     rows: Sequence[int] = range(len(labels))  # each kept row's number in the source
@@ -263,10 +285,11 @@ def _unlabelled(where: str, negative: Sequence[int]) -> str:
 # --------------------------------------------------------------------------------------------
 
 def _read_local(path: str | Path, text_column: str, label_column: str, text_pair_column: str | None = None,
-                drop_unlabelled: bool = False) -> _Rows:
+                drop_unlabelled: bool = False, header: bool = True) -> _Rows:
     path = Path(path).expanduser()
-    return _rows(read_table(path), str(path), text_column, label_column, text_pair_column,
-                 drop_unlabelled)
+    table = read_table(path, header)
+    return _rows(table, str(path), text_column, label_column, text_pair_column, drop_unlabelled,
+                 column_hint(table.column_names, header))
 
 
 def _dataset(rows: _Rows, names: Sequence[str], where: str) -> Dataset:
@@ -275,15 +298,16 @@ def _dataset(rows: _Rows, names: Sequence[str], where: str) -> Dataset:
 
 def load_file(path: str | Path, *, text_column: str = TEXT, label_column: str = LABEL,
               label_names: Sequence[str] | None = None, text_pair_column: str | None = None,
-              drop_unlabelled: bool = False) -> tuple[Dataset, list[str]]:
+              drop_unlabelled: bool = False, header: bool = True) -> tuple[Dataset, list[str]]:
     """Load a local .csv/.tsv/.json/.jsonl/.parquet file as a (text, label) dataset.
 
     Labels may be strings or integers; without `label_names` they are derived from this file
     (see `derive_label_names`). Pass the train file's names when loading its test file, or
     use `load_task`, which derives them from both. `text_pair_column` adds a `text_pair`
     column (a sentence-pair task); `drop_unlabelled` drops rows without a label (see `_rows`).
+    `header=False`: a csv/tsv file without a header row, its columns named "0", "1", ...
     """
-    rows = _read_local(path, text_column, label_column, text_pair_column, drop_unlabelled)
+    rows = _read_local(path, text_column, label_column, text_pair_column, drop_unlabelled, header)
     names = list(label_names) if label_names is not None else derive_label_names(rows.labels)
     return _dataset(rows, names, str(path)), names
 
@@ -380,6 +404,7 @@ def load_task(
     seed: int = 0,
     text_pair_column: str | None = None,
     drop_unlabelled: bool = False,
+    header: bool = True,
 ) -> tuple[Dataset, Dataset, list[str]]:
     """Load a task: (train, test, label_names), both datasets with columns `text` and `label`
     (and `text_pair`, the second text of each example, when `text_pair_column` is named).
@@ -401,6 +426,8 @@ def load_task(
     `num_examples` / `num_test` cap real datasets by a seeded random subsample (None: all).
     `label_names` fixes the label order (otherwise strings sort, integers keep their order).
     `drop_unlabelled` drops the rows of real datasets that have no label (SNLI's -1 or '-').
+    `header=False`: local csv/tsv files (source and test file) have no header row; their columns
+    are named by position, "0", "1", ...
     """
     if source == SYNTHETIC:
         if label_names is not None:
@@ -435,9 +462,9 @@ def load_task(
         if not path.suffix and not path.exists():
             raise DataError(f"unknown data source {source!r}: expected {SYNTHETIC!r}, a local file "
                             f"({', '.join(sorted(EXTENSIONS))}) or '{HF_PREFIX}<name>[:<config>]'")
-        rows, hub_names = _read_local(path, *columns), None
+        rows, hub_names = _read_local(path, *columns, header=header), None
         if test_file:
-            test_rows = _read_local(test_file, *columns)
+            test_rows = _read_local(test_file, *columns, header=header)
         train_where, test_where = str(path), str(test_file)
 
     if label_names is not None:

@@ -79,9 +79,11 @@ class DataConfig:
     source: str = "synthetic"
     test_file: str | None = None  # a local test file; else test_fraction of the source is held out
     test_fraction: float = 0.2
-    text_column: str = "text"
-    text_pair_column: str | None = None  # a second text column: sentence-pair tasks (SNLI's hypothesis)
-    label_column: str = "label"
+    # Column names; with header=false, positions (0, 1 or "0", "1"): integers are kept as their strings.
+    text_column: str | int = "text"
+    text_pair_column: str | int | None = None  # a second text column: sentence-pair tasks (SNLI's hypothesis)
+    label_column: str | int = "label"
+    header: bool = True  # csv/tsv files have a header row; false: columns are named by position "0", "1"...
     drop_unlabelled: bool = False  # drop rows without a label (SNLI's -1 or '-') instead of refusing them
     num_examples: int = 4000  # synthetic: examples generated; files: at most this many (0: all)
     num_classes: int = 4  # synthetic only
@@ -101,6 +103,13 @@ class DataConfig:
     # A test set with other column names (MetaMathQA trains, GSM8K's question/answer tests); null: the same
     test_prompt_column: str | None = None
     test_response_column: str | None = None
+
+    def __post_init__(self) -> None:
+        # A column given by position (data.header=false) as an integer is named by its string.
+        for name in ("text_column", "text_pair_column", "label_column"):
+            value = getattr(self, name)
+            if isinstance(value, int) and not isinstance(value, bool):
+                setattr(self, name, str(value))
 
 
 @dataclass

@@ -8,6 +8,7 @@ from datasets import Dataset
 
 from fedsb.data.instructions import load_instruction_file, load_instructions
 from fedsb.data.partition import partition_dataset, partition_stats
+from fedsb.data.schema import DataError
 from fedsb.data.sources import load_file, load_task, split_train_test, subsample
 from fedsb.experiment.config import ExperimentConfig
 
@@ -31,7 +32,16 @@ class TaskData:
 
 def load_task_data(config: ExperimentConfig) -> TaskData:
     """Load, split and partition the experiment's data, deterministically from the seed."""
-    d, p = config.data, config.partition
+    pool, test, validation, server, names = load_splits(config)
+    p = config.partition
+    partitions = partition_dataset(pool, config.federation.num_clients, p.scheme, alpha=p.alpha,
+                                   classes_per_client=p.classes_per_client, seed=config.seed)
+    return TaskData(pool, test, validation, server, partitions, names)
+
+
+def load_splits(config: ExperimentConfig) -> tuple[Dataset, Dataset, Dataset, Dataset, list[str]]:
+    """The data before partitioning: (train pool, test, validation, server split, label names)."""
+    d = config.data
     if config.model.task == "causal_lm":
         train, test, names = _load_instructions(config)
     else:
@@ -43,11 +53,13 @@ def load_task_data(config: ExperimentConfig) -> TaskData:
         train, validation = split_train_test(train, d.val_fraction, config.seed)
     validation = subsample(validation, d.max_val_examples or None, config.seed).flatten_indices()
     n_server = max(config.method.init.num_samples, int(SERVER_SPLIT_FRACTION * len(train)))
+    if n_server >= len(train):
+        raise DataError(f"the training pool has {len(train)} examples after the validation split, not "
+                        f"enough to hold out the server's {n_server} (method.init.num_samples) and leave "
+                        "examples for the clients; use more data or a smaller method.init.num_samples")
     parts = train.train_test_split(test_size=n_server, seed=config.seed)
     pool, server = parts["train"].flatten_indices(), parts["test"].flatten_indices()
-    partitions = partition_dataset(pool, config.federation.num_clients, p.scheme, alpha=p.alpha,
-                                   classes_per_client=p.classes_per_client, seed=config.seed)
-    return TaskData(pool, test, validation, server, partitions, names)
+    return pool, test, validation, server, names
 
 
 def _load_classification(config: ExperimentConfig) -> tuple[Dataset, Dataset, list[str]]:
@@ -56,14 +68,15 @@ def _load_classification(config: ExperimentConfig) -> tuple[Dataset, Dataset, li
         d.source, text_column=d.text_column, label_column=d.label_column, test_file=d.test_file,
         num_examples=d.num_examples or None, num_test=d.max_test_examples or None,
         test_fraction=d.test_fraction, num_classes=d.num_classes, seed=config.seed,
-        text_pair_column=d.text_pair_column, drop_unlabelled=d.drop_unlabelled,
+        text_pair_column=d.text_pair_column, drop_unlabelled=d.drop_unlabelled, header=d.header,
     )
 
 
 def _val_classification(config: ExperimentConfig, names: list[str]) -> Dataset:
     d = config.data
     return load_file(d.val_file, text_column=d.text_column, label_column=d.label_column, label_names=names,
-                     text_pair_column=d.text_pair_column, drop_unlabelled=d.drop_unlabelled)[0]
+                     text_pair_column=d.text_pair_column, drop_unlabelled=d.drop_unlabelled,
+                     header=d.header)[0]
 
 
 def _instruction_columns(config: ExperimentConfig) -> dict:

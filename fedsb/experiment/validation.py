@@ -48,6 +48,29 @@ def uses_init_gradients(c: ExperimentConfig) -> bool:
     return get_method(c.method.name).init_gradients
 
 
+HEADERLESS_SUFFIXES = (".csv", ".tsv")  # the file kinds that data.header=false applies to
+
+
+def _check_header(c: ExperimentConfig) -> None:
+    """data.header=false: classification csv/tsv files, their columns given by position."""
+    d = c.data
+    if d.header:
+        return
+    _require(c.model.task == "classification", "data.header", d.header,
+             "true with model.task=causal_lm (instruction files need a header row)")
+    from fedsb.experiment.config import is_file_source
+
+    for key in ("source", "test_file", "val_file"):
+        value = getattr(d, key)
+        if value is not None and is_file_source(value):
+            _require(Path(value).suffix.lower() in HEADERLESS_SUFFIXES, "data.header", d.header,
+                     f"true for data.{key}={value} (false: csv or tsv files without a header row)")
+    for key in ("text_column", "label_column", "text_pair_column"):
+        value = getattr(d, key)
+        _require(value is None or str(value).isdigit(), f"data.{key}", value,
+                 "a column position, an integer such as 0 or 1, with data.header=false")
+
+
 def validate(c: ExperimentConfig) -> None:
     """Range checks and cross-field checks; file existence for local data."""
     _require(c.model.max_length >= 8, "model.max_length", c.model.max_length, "an integer >= 8")
@@ -88,6 +111,7 @@ def validate(c: ExperimentConfig) -> None:
              "data.label_column")
     _require(pair is None or c.data.source != "synthetic", "data.text_pair_column", pair,
              "null with data.source=synthetic (the generated task has one text)")
+    _check_header(c)
     source = c.data.source
     from fedsb.experiment.config import GENERATED_SOURCES as generated
     from fedsb.experiment.config import is_file_source

@@ -1,7 +1,10 @@
 """`fedsb run CONFIG`: one Flower simulation (`flwr run`), from a validated config to a finished run.
 
 What it does, in order (each step is a Flower command line, not a Python import of flwr):
-1. load and validate the config with its overrides (a bad config stops here, nothing starts);
+1. load and validate the config with its overrides, then check every input as the run will use
+   it (`fedsb.experiment.plan.check_plan`: the data file and its columns, enough examples per
+   client, the model, its target modules and the rank, the output directory, DP's delta); a bad
+   input stops here with one line, nothing started (`fedsb run --check` stops here, printing the plan);
 2. create the run directory and write the resolved config into it;
 3. start a private SuperLink (simulation, process isolation of the app, a free port on
    127.0.0.1, its own FLWR_HOME, runtime dependency installation off) and wait until healthy;
@@ -30,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsb.experiment.config import ExperimentConfig, is_file_source, load_config
+from fedsb.experiment.plan import Plan, check_plan
 from fedsb.experiment.rundir import run_dir_for, write_config
 from fedsb.ops.flwr_cli import COMPLETED, FINISHED, flower_env, run_flwr, write_connection
 from fedsb.ops.processes import free_ports, spawn, stop_processes, wait_until
@@ -132,15 +136,8 @@ def run_simulation(config_path: str | Path | None, overrides: Mapping[str, Any] 
                    stream: bool = True,
                    echo: Callable[[str], None] = print, timeout_s: float = 6 * 3600) -> RunOutcome:
     """Validate, launch `flwr run` on a private SuperLink, wait for the final status, clean up."""
-    config = load_config(config_path, overrides)  # stops here on a bad config: nothing started yet
-    check_resources(cpus_per_client, gpus_per_client)
-    # The apps run in another working directory: make local data paths absolute.
-    if is_file_source(config.data.source):
-        config.data.source = str(Path(config.data.source).expanduser().resolve())
-    for key in ("test_file", "val_file"):
-        value = getattr(config.data, key)
-        if value and is_file_source(value):
-            setattr(config.data, key, str(Path(value).expanduser().resolve()))
+    # Every check first (config, resources, data, model, output directory): nothing started yet.
+    config, _plan = prepare_run(config_path, overrides, cpus_per_client, gpus_per_client)
     app_dir = (app_dir or project_dir()).resolve()
     run_dir = run_dir_for(config)
     write_config(run_dir, config.to_dict())
@@ -176,6 +173,25 @@ def run_simulation(config_path: str | Path | None, overrides: Mapping[str, Any] 
     echo(f"fedsb run: Flower run {run_id} {status}{': ' + details if details and not outcome.ok else ''} "
          f"in {outcome.elapsed_s:.0f} s; results in {run_dir}")
     return outcome
+
+
+def prepare_run(config_path: str | Path | None, overrides: Mapping[str, Any] | None = None,
+                cpus_per_client: int = 1, gpus_per_client: float = 0.0) -> tuple[ExperimentConfig, Plan]:
+    """The resolved config and its checked plan (`fedsb run --check` and the start of every run).
+
+    Raises a ValueError of one line on a bad config, resources this machine lacks, or an input
+    the run could not use (`check_plan`); starts nothing and writes nothing.
+    """
+    config = load_config(config_path, None if overrides is None else dict(overrides))
+    check_resources(cpus_per_client, gpus_per_client)
+    # The apps run in another working directory: make local data paths absolute.
+    if is_file_source(config.data.source):
+        config.data.source = str(Path(config.data.source).expanduser().resolve())
+    for key in ("test_file", "val_file"):
+        value = getattr(config.data, key)
+        if value and is_file_source(value):
+            setattr(config.data, key, str(Path(value).expanduser().resolve()))
+    return config, check_plan(config)
 
 
 def check_resources(cpus_per_client: int, gpus_per_client: float) -> None:
