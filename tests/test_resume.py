@@ -64,3 +64,81 @@ def test_a_stopped_run_resumes_to_the_uninterrupted_result(tmp_path, extra):
 def test_resuming_without_a_checkpoint_says_so(tmp_path):
     with pytest.raises(CheckpointError, match="has no checkpoint"):
         run_in_process({"config": TINY, "run-dir": str(tmp_path), "resume": True})
+
+
+def test_fedsb_run_resume_refuses_a_changed_config_and_a_finished_run(tmp_path, capsys):
+    from fedsb.cli import main
+
+    run_dir = tmp_path / "run"
+    with pytest.raises(Crash):
+        run_in_process({"config": TINY, "run-dir": str(run_dir), "overrides": "federation.rounds=3"},
+                       tamper=crash_in_round(2))
+    changed = ["--set", "federation.rounds=3", "--set", "train.lr=0.5"]
+    assert main(["run", TINY, "--resume", str(run_dir), *changed]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"fedsb run: error: --resume {run_dir}: train.lr is 0.5 here but 0.01 in the run; resume "
+                   "with the run's own config")
+    finished = tmp_path / "finished"
+    run_in_process({"config": TINY, "run-dir": str(finished)})
+    assert main(["run", "--resume", str(finished)]) == 0
+    assert "has finished (summary.json); nothing to resume" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_killed_flwr_run_resumes_with_fedsb_run_resume(tmp_path):
+    """The real path: `fedsb run` of 3 rounds, its whole process group killed once round 1 is
+    checkpointed (as a crash would), then `fedsb run --resume`: the same adapter file, byte for byte,
+    as the uninterrupted run's (which the in-process grid gives, to the bit: test_flower_app.py)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    overrides = ["--set", "federation.rounds=3", "--set", "federation.clients_per_round=0.5",
+                 "--set", f"output_dir={tmp_path / 'runs'}"]
+    env = {**os.environ, "PYTHONPATH": str(Path.cwd())}
+    proc = subprocess.Popen([sys.executable, "-m", "fedsb.cli", "run", TINY, "--quiet", *overrides],
+                            start_new_session=True, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    deadline = time.monotonic() + 240
+    run_dir = None
+    while time.monotonic() < deadline and proc.poll() is None:
+        found = list((tmp_path / "runs").glob("*/checkpoint/server.json"))
+        if found and json.loads(found[0].read_text())["round"] >= 1:
+            run_dir = found[0].parent.parent
+            break
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)  # the crash: fedsb, its SuperLink and the simulation at once
+    proc.wait()
+    _kill_leftovers(tmp_path)
+    assert run_dir is not None, "no checkpoint of round 1 appeared"
+    assert not (run_dir / "summary.json").exists()
+
+    resumed = subprocess.run([sys.executable, "-m", "fedsb.cli", "run", "--resume", str(run_dir), "--quiet"],
+                             env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    whole = tmp_path / "whole"
+    run_in_process({"config": str(run_dir / "config.yaml"), "run-dir": str(whole)}, client_threads=1)
+    assert outputs(run_dir) == outputs(whole)
+
+
+def _kill_leftovers(tmp_path: Path) -> None:
+    """The SuperLink and simulation started by the killed run run in their own sessions: stop the ones
+    whose command line names this test's directories (never anything else on the machine)."""
+    import os
+    import signal
+
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            environ = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if str(tmp_path) in cmdline or str(tmp_path) in environ:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except OSError:
+                pass
