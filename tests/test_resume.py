@@ -97,7 +97,13 @@ def test_a_killed_flwr_run_resumes_with_fedsb_run_resume(tmp_path):
 
     overrides = ["--set", "federation.rounds=3", "--set", "federation.clients_per_round=0.5",
                  "--set", f"output_dir={tmp_path / 'runs'}"]
-    env = {**os.environ, "PYTHONPATH": str(Path.cwd())}
+    import shutil
+    import tempfile
+
+    # Its temporary files (the private FLWR_HOME, Ray's session) in a directory of its own: how its
+    # leftovers are found below. A short path: Ray's socket paths must fit in 107 characters.
+    scratch = Path(tempfile.mkdtemp(prefix="fk", dir="/tmp"))
+    env = {**os.environ, "PYTHONPATH": str(Path.cwd()), "TMPDIR": str(scratch)}
     proc = subprocess.Popen([sys.executable, "-m", "fedsb.cli", "run", TINY, "--quiet", *overrides],
                             start_new_session=True, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
@@ -109,9 +115,11 @@ def test_a_killed_flwr_run_resumes_with_fedsb_run_resume(tmp_path):
             run_dir = found[0].parent.parent
             break
         time.sleep(0.5)
+    assert proc.poll() is None, f"fedsb run ended before it could be stopped: {proc.stdout.read()[-3000:]}"
     os.killpg(proc.pid, signal.SIGKILL)  # the crash: fedsb, its SuperLink and the simulation at once
     proc.wait()
-    _kill_leftovers(tmp_path)
+    _kill_leftovers(scratch)
+    shutil.rmtree(scratch, ignore_errors=True)
     assert run_dir is not None, "no checkpoint of round 1 appeared"
     assert not (run_dir / "summary.json").exists()
 
@@ -123,9 +131,9 @@ def test_a_killed_flwr_run_resumes_with_fedsb_run_resume(tmp_path):
     assert outputs(run_dir) == outputs(whole)
 
 
-def _kill_leftovers(tmp_path: Path) -> None:
+def _kill_leftovers(scratch: Path) -> None:
     """The SuperLink and simulation started by the killed run run in their own sessions: stop the ones
-    whose command line names this test's directories (never anything else on the machine)."""
+    whose command line or environment names its scratch directory (never anything else here)."""
     import os
     import signal
 
@@ -137,7 +145,7 @@ def _kill_leftovers(tmp_path: Path) -> None:
             environ = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace")
         except OSError:
             continue
-        if str(tmp_path) in cmdline or str(tmp_path) in environ:
+        if str(scratch) in cmdline or str(scratch) in environ:
             try:
                 os.kill(int(pid), signal.SIGKILL)
             except OSError:
