@@ -30,6 +30,7 @@ from fedsb.federation.protocol import (
     GPU_PEAK_BYTES,
     INIT_GRADIENT_QUERY,
     INIT_RECORD,
+    LEDGER_RECORD,
     METRICS_RECORD,
     NODE_RECORD,
     NUM_EXAMPLES,
@@ -97,9 +98,11 @@ def describe(message: Message, context: Context) -> Message:
 
 
 @contextmanager
-def _ledger(context: Context, worker: Worker) -> Iterator[PrivacyLedger | None]:
+def _ledger(context: Context, worker: Worker, message: Message | None = None
+            ) -> Iterator[PrivacyLedger | None]:
     """The client's privacy ledger (None without DP), saved back to its state even if training fails,
-    so every step taken stays charged. It lives in context.state: composed over the whole run."""
+    so every step taken stays charged. It lives in context.state: composed over the whole run; a
+    resumed run's first message brings it back (LEDGER_RECORD) to the client's new process."""
     if not worker.config.privacy.enabled:
         yield None
         return
@@ -108,6 +111,8 @@ def _ledger(context: Context, worker: Worker) -> Iterator[PrivacyLedger | None]:
 
     if LEDGER_STATE in context.state.config_records:
         ledger = PrivacyLedger.from_json(str(context.state[LEDGER_STATE]["json"]))
+    elif message is not None and LEDGER_RECORD in message.content.config_records:
+        ledger = PrivacyLedger.from_json(str(message.content[LEDGER_RECORD]["json"]))
     else:  # calibrated once, for the whole run
         ledger = ledger_for_client(worker.config, len(worker.client_tokens(_partition_id(context))["labels"]))
     try:
@@ -132,11 +137,13 @@ def train(message: Message, context: Context) -> Message:
     worker = _worker(context)
     server_round = int(message.content[CONFIG_RECORD][SERVER_ROUND])
     state = _local_state(message, context, worker)
-    with _ledger(context, worker) as ledger:
+    with _ledger(context, worker, message) as ledger:
         if ledger is not None and (reason := ledger.check_budget(worker.config.train.local_steps)):
             # The hard budget: refuse, say why, send no update.
             return Message(RecordDict({METRICS_RECORD: MetricRecord({REFUSED: 1, **ledger.metrics()}),
-                                       REFUSAL_RECORD: ConfigRecord({"reason": reason})}), reply_to=message)
+                                       REFUSAL_RECORD: ConfigRecord({"reason": reason}),
+                                       LEDGER_RECORD: ConfigRecord({"json": ledger.to_json()})}),
+                           reply_to=message)
         worker.peak_memory()  # start this client's measurement (the actor may have run another before)
         upload, result = worker.train_client(_partition_id(context), state, server_round, ledger)
     # The aggregation weight: the client's number of training examples (FedAvg), or 1 (uniform).
@@ -146,8 +153,10 @@ def train(message: Message, context: Context) -> Message:
         metrics[GPU_PEAK_BYTES] = peak
     if math.isfinite(result.loss):  # DP training does not release its loss
         metrics["train-loss"] = result.loss
-    return Message(RecordDict({ADAPTER_RECORD: to_record(upload), METRICS_RECORD: MetricRecord(metrics)}),
-                   reply_to=message)
+    content = RecordDict({ADAPTER_RECORD: to_record(upload), METRICS_RECORD: MetricRecord(metrics)})
+    if ledger is not None:  # the server checkpoints it, to give it back after a resume
+        content[LEDGER_RECORD] = ConfigRecord({"json": ledger.to_json()})
+    return Message(content, reply_to=message)
 
 
 @app.evaluate()

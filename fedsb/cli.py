@@ -253,7 +253,11 @@ def _demo_run(args: argparse.Namespace) -> int:
 # fedsb run -----------------------------------------------------------------------------------
 
 def _run_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="the experiment's YAML file, e.g. configs/default.yaml")
+    parser.add_argument("config", nargs="?", default=None,
+                        help="the experiment's YAML file, e.g. configs/default.yaml (with --resume: "
+                             "optional, checked against the run's own)")
+    parser.add_argument("--resume", metavar="RUN_DIR", default=None,
+                        help="continue a stopped run from its last checkpoint (its own config.yaml)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="config override, e.g. --set method.name=ffa --set federation.rounds=3 "
                              "(repeatable)")
@@ -269,6 +273,8 @@ def _run_run(args: argparse.Namespace) -> int:
     from fedsb.ops.launch import prepare_run, run_simulation
 
     overrides = dict(parse_override(item) for item in args.set)
+    if args.config is None and args.resume is None:
+        raise ValueError("a config file is needed (e.g. configs/default.yaml), or --resume RUN_DIR")
     if args.check:
         from fedsb.experiment.plan import format_plan
 
@@ -277,7 +283,7 @@ def _run_run(args: argparse.Namespace) -> int:
         print(f"fedsb run --check: {args.config} is ready to run")
         return 0
     outcome = run_simulation(args.config, overrides, app_dir=args.app, cpus_per_client=args.cpus_per_client,
-                             gpus_per_client=args.gpus_per_client,
+                             gpus_per_client=args.gpus_per_client, resume=args.resume,
                              stream=not args.quiet, echo=lambda line: print(line, flush=True))
     return 0 if outcome.ok else 1
 

@@ -6,6 +6,7 @@ which partition each holds, the init-gradient exchange) and hands what comes bac
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from logging import INFO
@@ -14,19 +15,21 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
 from fedsb.core.models import load_model
 from fedsb.data.partition import plot_partition
+from fedsb.experiment.checkpoint import ServerCheckpoint, load_checkpoint, save_checkpoint
 from fedsb.experiment.cohort import sample_clients
 from fedsb.experiment.config import ExperimentConfig
 from fedsb.experiment.export import export_adapter
-from fedsb.experiment.meter import Meter
+from fedsb.experiment.meter import Meter, MeterEntry
 from fedsb.experiment.recorder import RunRecorder
 from fedsb.experiment.report import epsilon_metrics, privacy_summary, run_label, run_setting
 from fedsb.experiment.run_config import from_run_config
 from fedsb.experiment.rundir import run_dir_for, write_config
-from fedsb.experiment.summary import RunSummary
+from fedsb.experiment.summary import MetricsRow, RunSummary
 from fedsb.experiment.worker import Worker, get_worker, quiet_libraries
 from fedsb.federation.progress import ProgressGrid
 from fedsb.federation.protocol import (
@@ -45,7 +48,7 @@ from fedsb.federation.protocol import (
     to_state,
 )
 from server.privacy_budget import PrivacyBudget
-from server.strategy import FedsbStrategy
+from server.strategy import FedsbStrategy, RoundOffset
 
 APP_DIR = Path(__file__).resolve().parents[1]  # the installed app: config paths are relative to it
 QUERY_TIMEOUT_S = 600.0
@@ -83,10 +86,19 @@ def run_server(grid: Grid, run_config: dict[str, Any]) -> ServerRun:
     recorder = RunRecorder(run_dir, meter, label, log=lambda line: log(INFO, line),
                            accuracy_name="exact match" if worker.generates else "accuracy")
 
+    resume = bool(run_config.get("resume", False))
+    checkpoint: ServerCheckpoint | None = None
     client_gradients, init_ledgers = None, {}
-    if worker.init_source == "clients":
-        client_gradients, init_ledgers = gather_init_gradients(grid, config, nodes, meter)
-    state = worker.initial_state(client_gradients)
+    if resume:  # continue after the last completed round (fedsb.experiment.checkpoint)
+        checkpoint, state, chosen_state = load_checkpoint(run_dir)
+        meter.entries = [MeterEntry(**entry) for entry in checkpoint.meter]
+        recorder.restore([MetricsRow.from_dict(row) for row in checkpoint.rows])
+        log(INFO, "[%s] resuming after round %d of %d", label, checkpoint.round, config.federation.rounds)
+    else:
+        if worker.init_source == "clients":
+            client_gradients, init_ledgers = gather_init_gradients(grid, config, nodes, meter)
+        state = worker.initial_state(client_gradients)
+    offset = checkpoint.round if checkpoint else 0
 
     strategy = FedsbStrategy(
         worker.method, state, nodes, clients_per_round=min(config.clients_per_round(), len(nodes)),
@@ -94,9 +106,20 @@ def run_server(grid: Grid, run_config: dict[str, Any]) -> ServerRun:
         uniform_weights=config.federation.weighting == "uniform")
     budget = PrivacyBudget(strategy, config.privacy.epsilon, init_ledgers) if config.privacy.enabled else None
     chosen: dict[str, Any] = {}  # the state of the round the recorder chooses (best validation accuracy)
+    if checkpoint is not None:
+        strategy.seen = set(checkpoint.seen)
+        strategy.resend = set(checkpoint.seen)  # their new processes need the one-time tensors again
+        if budget is not None:
+            budget.resume({int(k): v for k, v in checkpoint.ledgers.items()},
+                          {int(k): v for k, v in checkpoint.client_ledgers.items()})
+        if checkpoint.chosen_round is not None:
+            chosen.update(round=checkpoint.chosen_round, state=chosen_state)
 
-    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+    def evaluate(flower_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Every round: the validation split (which every choice looks at); also the bookkeeping."""
+        server_round = flower_round + offset
+        if flower_round == 0 and offset:
+            return None  # evaluated and recorded before the stop
         round_state = to_state(arrays)
         worker.peak_memory()
         evaluation = worker.evaluate_global(round_state, "validation")
@@ -118,12 +141,21 @@ def run_server(grid: Grid, run_config: dict[str, Any]) -> ServerRun:
         best = recorder.best_row()  # one selection rule: the recorder's, which summary.json reports
         if best is not None and best.round == server_round:
             chosen.update(round=server_round, state=round_state)
+        save_checkpoint(run_dir, ServerCheckpoint(
+            round=server_round, state_file="", chosen_round=chosen.get("round"), chosen_file=None,
+            seen=sorted(strategy.seen), meter=[dataclasses.asdict(e) for e in meter.entries],
+            rows=[r.to_dict() for r in recorder.rows],
+            ledgers={str(k): v for k, v in (budget.ledgers if budget else {}).items()},
+            client_ledgers={str(k): v for k, v in (budget.ledger_json if budget else {}).items()}),
+            round_state, chosen.get("state"))
         return MetricRecord({"val-accuracy": evaluation["accuracy"], "val-loss": evaluation["loss"]})
 
     # A round on a real model can take long: say how many clients have replied while it runs.
     grid = ProgressGrid(grid, log=lambda line: log(INFO, "[%s] %s", label, line))
-    (budget or strategy).start(grid, to_record(state), num_rounds=config.federation.rounds,
-                               evaluate_fn=evaluate)
+    runner: Strategy = budget or strategy
+    if offset:
+        runner = RoundOffset(runner, offset)
+    runner.start(grid, to_record(state), num_rounds=config.federation.rounds - offset, evaluate_fn=evaluate)
 
     # The test split is looked at only now, at the two points a run reports: the round chosen on
     # validation, and the last round.

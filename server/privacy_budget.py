@@ -15,12 +15,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 from logging import INFO, WARNING
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
-from fedsb.federation.protocol import LEDGER_KEYS, METRICS_RECORD, REFUSAL_RECORD, REFUSED
+from fedsb.federation.protocol import LEDGER_KEYS, LEDGER_RECORD, METRICS_RECORD, REFUSAL_RECORD, REFUSED
 from server.strategy import FedsbStrategy
 
 
@@ -32,6 +32,13 @@ class PrivacyBudget(Strategy):
         self.strategy = strategy
         self.target_epsilon = target_epsilon
         self.ledgers = dict(ledgers or {})  # partition id -> its latest privacy metrics
+        self.ledger_json: dict[int, str] = {}  # partition id -> its whole ledger, for checkpoints
+        self.restore: set[int] = set()  # after a resume: clients whose ledger goes back down once
+
+    def resume(self, ledgers: dict[int, dict[str, float]], ledger_json: dict[int, str]) -> None:
+        """Continue with the ledgers of a checkpoint; each client gets its own back when next sampled."""
+        self.ledgers, self.ledger_json = dict(ledgers), dict(ledger_json)
+        self.restore = set(ledger_json)
 
     def within_budget(self, epsilon: float | None) -> bool:
         return epsilon is not None and epsilon <= self.target_epsilon * (1 + 1e-9)
@@ -43,7 +50,17 @@ class PrivacyBudget(Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
                         ) -> Iterable[Message]:
-        return self.strategy.configure_train(server_round, arrays, config, grid)
+        messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
+        for i, message in enumerate(messages):
+            pid = self.strategy.partition_of[message.metadata.dst_node_id]
+            if pid in self.restore:  # a resumed run: the client's new process needs its ledger
+                content = RecordDict(dict(message.content.items()))
+                content[LEDGER_RECORD] = ConfigRecord({"json": self.ledger_json[pid]})
+                messages[i] = Message(content, dst_node_id=message.metadata.dst_node_id,
+                                      message_type=message.metadata.message_type,
+                                      group_id=message.metadata.group_id)
+                self.restore.discard(pid)
+        return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -58,6 +75,8 @@ class PrivacyBudget(Strategy):
             epsilon = metrics.get("epsilon")
             if self.within_budget(epsilon):
                 self.ledgers[pid] = {k: float(metrics[k]) for k in LEDGER_KEYS if k in metrics}
+                if LEDGER_RECORD in reply.content.config_records:
+                    self.ledger_json[pid] = str(reply.content[LEDGER_RECORD]["json"])
             if metrics.get(REFUSED) == 1:
                 refusal = reply.content.config_records.get(REFUSAL_RECORD)
                 round_log.refused[pid] = str(refusal["reason"]) if refusal else ""

@@ -18,7 +18,7 @@ from logging import INFO, WARNING
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, Strategy
 from flwr.supercore import log
 
 from fedsb.core.adapters import State, component_of
@@ -71,6 +71,10 @@ class FedsbStrategy(FedAvg):
         self.meter = meter
         self.client_eval = client_eval
         self.seen: set[int] = set()  # clients that hold the one-time tensors
+        # After a resume: clients that held them before the stop, whose new process must get them
+        # again. Metered in `resend_meter`, so that the main meter stays the uninterrupted run's.
+        self.resend: set[int] = set()
+        self.resend_meter = Meter()
         self.rounds: dict[int, RoundLog] = {}
         self.uniform_weights = uniform_weights  # a plain mean, whatever sizes the clients report
 
@@ -86,14 +90,21 @@ class FedsbStrategy(FedAvg):
         self.rounds[server_round] = RoundLog(cohort)
         # Two payloads at most per round (with and without the one-time tensors), each serialised
         # once and shared by the messages, as FedAvg shares its one payload.
+        needs = {pid: pid not in self.seen or pid in self.resend for pid in cohort}
         contents = {first: self._content(self.method.download(self.global_state, first_time=first),
                                          server_round)
-                    for first in {pid not in self.seen for pid in cohort}}
+                    for first in {*needs.values(), *(pid not in self.seen for pid in cohort)}}
         messages = []
         for pid in cohort:
-            content = contents[pid not in self.seen]
-            meter_message(self.meter, content, round=server_round, client=pid, phase="train",
-                          direction="down")
+            content = contents[needs[pid]]
+            # Metered as the uninterrupted run sends it; a resumed client's repeat of the one-time
+            # tensors apart.
+            meter_message(self.meter, contents[pid not in self.seen], round=server_round, client=pid,
+                          phase="train", direction="down")
+            if needs[pid] and pid in self.seen and INIT_RECORD in content.array_records:
+                meter_message(self.resend_meter, RecordDict({INIT_RECORD: content[INIT_RECORD]}),
+                              round=server_round, client=pid, phase="train", direction="down")
+            self.resend.discard(pid)
             messages.append(Message(content, dst_node_id=self.nodes[pid], message_type=MessageType.TRAIN,
                                     group_id=str(server_round)))
         return messages
@@ -191,3 +202,32 @@ class FedsbStrategy(FedAvg):
             return None
         self.rounds[server_round].client_eval = {name: total / count for name, total in totals.items()}
         return MetricRecord(self.rounds[server_round].client_eval)
+
+
+class RoundOffset(Strategy):
+    """Runs rounds offset+1, offset+2, ... of `strategy` under Flower's loop, which counts from 1:
+    how a resumed run continues after the `offset` rounds it had completed."""
+
+    def __init__(self, strategy: Strategy, offset: int):
+        self.strategy = strategy
+        self.offset = offset
+
+    def summary(self) -> None:
+        self.strategy.summary()
+        log(INFO, "\t└──> resumed after round %d: Flower's round k is the run's round k + %d",
+            self.offset, self.offset)
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+                        ) -> Iterable[Message]:
+        return self.strategy.configure_train(server_round + self.offset, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        return self.strategy.aggregate_train(server_round + self.offset, replies)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+                           ) -> Iterable[Message]:
+        return self.strategy.configure_evaluate(server_round + self.offset, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return self.strategy.aggregate_evaluate(server_round + self.offset, replies)

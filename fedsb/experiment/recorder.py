@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsb.experiment.meter import CSV_FIELDS, Meter
-from fedsb.experiment.summary import MetricsRow, PrivacySummary, RunSummary, append_metrics
+from fedsb.experiment.summary import METRICS_FILE, MetricsRow, PrivacySummary, RunSummary, append_metrics
 
 
 class RunRecorder:
@@ -32,6 +32,20 @@ class RunRecorder:
         self.rows: list[MetricsRow] = []
         with open(self.run_dir / "comm.csv", "w", newline="") as f:
             csv.writer(f).writerow(CSV_FIELDS)
+
+    def restore(self, rows: list[MetricsRow]) -> None:
+        """Continue a resumed run: its rows so far, and metrics.jsonl and comm.csv rewritten to match
+        them and the meter (whatever a stopped run wrote after its last checkpoint is dropped)."""
+        self.rows = list(rows)
+        (self.run_dir / METRICS_FILE).write_text("")
+        for row in self.rows:
+            append_metrics(self.run_dir, row)
+        with open(self.run_dir / "comm.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(CSV_FIELDS)
+            writer.writerows(dataclasses.astuple(entry) for entry in self.meter.entries)
+        if self.rows:  # wall time goes on from where the stopped run was
+            self.start = time.monotonic() - self.rows[-1].wall_s
 
     def end_round(self, server_round: int, evaluation: dict[str, float], **extra: Any) -> MetricsRow:
         """`extra`: the MetricsRow fields of what the clients did (cohort, rejections, epsilon, ...)."""

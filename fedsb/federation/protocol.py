@@ -26,6 +26,9 @@ NODE_RECORD = "node"  # a node's PARTITION_ID and NUM_PARTITIONS
 PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
 REFUSAL_RECORD = "refusal"  # in it: "reason"
+# With DP: a client's whole privacy ledger (JSON, in "json"), up in every reply so the server can
+# checkpoint it, and down once after a resume, so a client's new process goes on with it.
+LEDGER_RECORD = "ledger"
 ADAPTER_RECORD = "arrays"  # the per-round tensors of a message
 INIT_RECORD = "init"  # one-time tensors: LoRA-SB's B and A down, a client's init gradient up
 METRICS_RECORD = "metrics"  # a reply's MetricRecord

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedsb.experiment.checkpoint import has_checkpoint, load_checkpoint
 from fedsb.experiment.config import ExperimentConfig, is_file_source, load_config
 from fedsb.experiment.plan import Plan, check_plan
 from fedsb.experiment.rundir import run_dir_for, write_config
@@ -133,17 +134,66 @@ def stream_log(run_id: int, env: Mapping[str, str], cwd: Path, log_file: Path,
 
 def run_simulation(config_path: str | Path | None, overrides: Mapping[str, Any] | None = None, *,
                    app_dir: Path | None = None, cpus_per_client: int = 1, gpus_per_client: float = 0.0,
-                   stream: bool = True,
+                   stream: bool = True, resume: str | Path | None = None,
                    echo: Callable[[str], None] = print, timeout_s: float = 6 * 3600) -> RunOutcome:
-    """Validate, launch `flwr run` on a private SuperLink, wait for the final status, clean up."""
+    """Validate, launch `flwr run` on a private SuperLink, wait for the final status, clean up.
+
+    `resume`: a stopped run's directory, continued from its last checkpoint; a config or overrides
+    given beside it must resolve to the run's own config (the first key that differs is refused)."""
+    if resume is not None:
+        return _resume(Path(resume), config_path, overrides, app_dir=app_dir, cpus_per_client=cpus_per_client,
+                       gpus_per_client=gpus_per_client, stream=stream, echo=echo, timeout_s=timeout_s)
     # Every check first (config, resources, data, model, output directory): nothing started yet.
     config, _plan = prepare_run(config_path, overrides, cpus_per_client, gpus_per_client)
-    app_dir = (app_dir or project_dir()).resolve()
     run_dir = run_dir_for(config)
     write_config(run_dir, config.to_dict())
-    log_file = run_dir / "flower.log"
     echo(f"fedsb run: {config.method.name}, rank {config.method.rank}, {config.federation.num_clients} "
          f"clients, {config.federation.rounds} rounds -> {run_dir}")
+    return _launch(config, run_dir, app_dir=app_dir, cpus_per_client=cpus_per_client,
+                   gpus_per_client=gpus_per_client, stream=stream, echo=echo, timeout_s=timeout_s)
+
+
+def _resume(run_dir: Path, config_path: str | Path | None, overrides: Mapping[str, Any] | None, **launch: Any
+            ) -> RunOutcome:
+    """`fedsb run --resume RUN_DIR`: the run's own config, checked against any given, from its checkpoint."""
+    run_dir = run_dir.expanduser().resolve()
+    if not (run_dir / "config.yaml").is_file():
+        raise ValueError(f"--resume {run_dir}: not a run directory (no config.yaml)")
+    config = load_config(run_dir / "config.yaml")
+    if config_path is not None or overrides:
+        given = load_config(config_path or run_dir / "config.yaml", overrides).to_dict()
+        saved = config.to_dict()
+        for key in _flat(saved):
+            if key != "output_dir" and _flat(given).get(key) != _flat(saved)[key]:
+                raise ValueError(f"--resume {run_dir}: {key} is {_flat(given).get(key)!r} here but "
+                                 f"{_flat(saved)[key]!r} in the run; resume with the run's own config")
+    if (run_dir / "summary.json").is_file():
+        launch["echo"](f"fedsb run: {run_dir} has finished (summary.json); nothing to resume")
+        return RunOutcome(None, COMPLETED, "already finished", run_dir, 0.0)
+    if not has_checkpoint(run_dir):
+        raise ValueError(f"--resume {run_dir}: no checkpoint (the run stopped before its first round ended); "
+                         "start it again")
+    launch["echo"](f"fedsb run: resuming {run_dir} after round {load_checkpoint(run_dir)[0].round} "
+                   f"of {config.federation.rounds}")
+    return _launch(config, run_dir, resume=True, **launch)
+
+
+def _flat(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _launch(config: ExperimentConfig, run_dir: Path, *, app_dir: Path | None, cpus_per_client: int,
+            gpus_per_client: float, stream: bool, echo: Callable[[str], None], timeout_s: float,
+            resume: bool = False) -> RunOutcome:
+    """Start a private SuperLink, submit the run of run_dir/config.yaml, wait, stop everything."""
+    app_dir = (app_dir or project_dir()).resolve()
+    log_file = run_dir / "flower.log"
     start = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="fedsb-flower-"))
     run_id = None
@@ -151,6 +201,8 @@ def run_simulation(config_path: str | Path | None, overrides: Mapping[str, Any] 
     try:
         with local_superlink(workdir, log_file) as (env, _port):
             run_config = f"config='{run_dir / 'config.yaml'}' run-dir='{run_dir}'"
+            if resume:
+                run_config += " resume=true"
             reply = run_flwr(["run", str(app_dir), CONNECTION, "--federation-config",
                               _federation(config, cpus_per_client, gpus_per_client), "--run-config",
                               run_config],
