@@ -60,7 +60,9 @@ def _worker(context: Context) -> Worker:
     threads = os.environ.get("OMP_NUM_THREADS")
     if threads:
         torch.set_num_threads(int(threads))
-    return get_worker(_config(tuple(sorted(context.run_config.items()))))
+    config = _config(tuple(sorted(context.run_config.items())))
+    # num_clients 'auto': the federation's size, which each SuperNode knows as its num-partitions
+    return get_worker(config.with_clients(int(context.node_config.get(NUM_PARTITIONS, 0)) or 1))
 
 
 @functools.lru_cache(maxsize=4)

@@ -75,13 +75,15 @@ def main(grid: Grid, context: Context) -> None:
 def run_server(grid: Grid, run_config: dict[str, Any]) -> ServerRun:
     """The whole run: config, run directory, clients, init, rounds, outputs."""
     config = from_run_config(run_config, APP_DIR)  # a bad config stops here, before any training
+    expected = None if config.federation.num_clients == "auto" else config.federation.num_clients
+    nodes = discover_clients(grid, expected, float(run_config.get("node-wait-s", 60)))
+    config = config.with_clients(len(nodes))  # 'auto': as many clients as SuperNodes
     run_dir = run_dir_for(config, str(run_config.get("run-dir", "")))
     write_config(run_dir, config.to_dict())
     worker = get_worker(config)
     label = run_label(config, worker)
     log(INFO, "[%s] run directory %s", label, run_dir)
     plot_partition(run_dir, worker.data.partitions, worker.data.label_names)
-    nodes = discover_clients(grid, config.federation.num_clients, float(run_config.get("node-wait-s", 60)))
     meter = Meter()
     recorder = RunRecorder(run_dir, meter, label, log=lambda line: log(INFO, line),
                            accuracy_name="exact match" if worker.generates else "accuracy")
@@ -174,8 +176,11 @@ def run_server(grid: Grid, run_config: dict[str, Any]) -> ServerRun:
     return ServerRun(strategy, budget, summary, run_dir)
 
 
-def discover_clients(grid: Grid, num_clients: int, wait_s: float) -> dict[int, int]:
+def discover_clients(grid: Grid, num_clients: int | None, wait_s: float) -> dict[int, int]:
     """Partition id -> node id of the connected SuperNodes (waits up to wait_s for all of them).
+
+    `num_clients` None (the config's 'auto'): as many as the nodes say the federation has
+    (their num-partitions), which they must all agree on.
 
     Node ids are random per run; partition ids (from each node's --node-config) are stable, so
     cohorts and aggregation order are defined over partition ids. Nodes are asked as soon as
@@ -186,19 +191,22 @@ def discover_clients(grid: Grid, num_clients: int, wait_s: float) -> dict[int, i
     while True:
         new = sorted(set(grid.get_node_ids()) - set(nodes.values()))
         if new:
-            nodes.update(_describe(grid, new, num_clients, nodes))
-        if len(nodes) >= num_clients or time.monotonic() > deadline:
+            described, total = _describe(grid, new, num_clients, nodes)
+            nodes.update(described)
+            num_clients = num_clients or total
+        if (num_clients and len(nodes) >= num_clients) or time.monotonic() > deadline:
             break
         time.sleep(1.0)
     if not nodes:
         raise RuntimeError(f"no SuperNode connected within {wait_s:.0f} s")
-    if len(nodes) < num_clients:
+    if num_clients and len(nodes) < num_clients:
         log(INFO, "%d of %d clients connected; going on with partitions %s", len(nodes), num_clients,
             sorted(nodes))
     return dict(sorted(nodes.items()))
 
 
-def _describe(grid: Grid, node_ids: list[int], num_clients: int, known: dict[int, int]) -> dict[int, int]:
+def _describe(grid: Grid, node_ids: list[int], num_clients: int | None, known: dict[int, int]
+              ) -> tuple[dict[int, int], int]:
     replies = grid.send_and_receive(
         [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids],
         timeout=QUERY_TIMEOUT_S)
@@ -209,6 +217,7 @@ def _describe(grid: Grid, node_ids: list[int], num_clients: int, known: dict[int
                                f"{reply.error.reason}")
         info = reply.content[NODE_RECORD]
         pid, total = int(info[PARTITION_ID]), int(info[NUM_PARTITIONS])
+        num_clients = num_clients or total  # 'auto': the first node says, the others must agree
         if total != num_clients:
             raise RuntimeError(
                 f"federation.num_clients is {num_clients} but the SuperNodes have num-partitions={total}: "
@@ -218,7 +227,7 @@ def _describe(grid: Grid, node_ids: list[int], num_clients: int, known: dict[int
         if pid in known or pid in found or not 0 <= pid < num_clients:
             raise RuntimeError(f"partition-id {pid} is duplicated or outside 0..{num_clients - 1}")
         found[pid] = reply.metadata.src_node_id
-    return found
+    return found, num_clients
 
 
 def gather_init_gradients(grid: Grid, config: ExperimentConfig, nodes: dict[int, int], meter: Meter

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -411,3 +412,34 @@ def test_the_centralised_reference_is_a_single_client_run_on_the_pooled_data(tmp
     assert _metric_rows(tmp_path / "c") == _metric_rows(tmp_path / "s")
     summary = json.loads((tmp_path / "c" / "summary.json").read_text())
     assert summary["centralised"] is True and summary["local_steps"] == 8 and summary["num_clients"] == 1
+
+
+# --- federation.num_clients: auto ---------------------------------------------------------------
+
+def test_auto_clients_are_as_many_as_the_supernodes(tmp_path):
+    grid, strategy = simulate(tmp_path, "federation.num_clients=auto", num_nodes=3)
+    assert sorted(strategy.nodes) == [0, 1, 2]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["num_clients"] == 3 and len(summary["partition"]["label_counts"]) == 3
+    assert from_run_config({"config": "configs/default.yaml"}, APP_DIR).federation.num_clients == "auto"
+
+
+@pytest.mark.slow
+def test_plain_flwr_run_completes_on_flowers_default_federation(tmp_path):
+    """`flwr run .` as Flower users type it: no --federation-config, so Flower 1.41's 2 SuperNodes; the
+    config's federation.num_clients 'auto' (as configs/default.yaml has) follows them."""
+    import tempfile
+
+    from fedsb.ops.flwr_cli import run_flwr
+    from fedsb.ops.launch import CONNECTION, _wait, local_superlink
+
+    workdir = Path(tempfile.mkdtemp(prefix="fedsb-plain-"))
+    with local_superlink(workdir, tmp_path / "flower.log") as (env, _port):
+        run_config = (f"config='{APP_DIR / TINY}' run-dir='{tmp_path / 'run'}' "
+                      "overrides='federation.num_clients=\"auto\"'")
+        reply = run_flwr(["run", str(APP_DIR), CONNECTION, "--run-config", run_config], env=env, cwd=workdir)
+        assert reply.get("success"), reply
+        status, details = _wait(int(reply["run-id"]), env, workdir, time.monotonic() + 600)
+    assert status == "finished:completed", details
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["num_clients"] == 2 and summary["rounds_completed"] == 2

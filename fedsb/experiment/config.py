@@ -136,7 +136,9 @@ class MethodConfig:
 
 @dataclass
 class FederationConfig:
-    num_clients: int = 8
+    # A count, or 'auto': as many clients as the federation has SuperNodes (a plain `flwr run .` has
+    # Flower's default of 2; `fedsb run` starts AUTO_CLIENTS).
+    num_clients: int | Literal["auto"] = 8
     rounds: int = 5
     clients_per_round: float = 1.0  # a fraction in (0, 1] of num_clients, or an integer count > 1
     # Aggregation weights: each client's number of training examples (FedAvg), or a plain mean
@@ -227,14 +229,28 @@ class ExperimentConfig:
             return self.method.init.lr
         return self.train.lr / self.client_steps
 
+    def with_clients(self, count: int) -> ExperimentConfig:
+        """This config with federation.num_clients 'auto' resolved to `count` (a count stays as it is)."""
+        if self.federation.num_clients != "auto":
+            return self
+        federation = dataclasses.replace(self.federation, num_clients=count)
+        resolved = dataclasses.replace(self, federation=federation)
+        validate(resolved)
+        return resolved
+
     def clients_per_round(self) -> int:
         """The cohort size per round."""
         value, total = self.federation.clients_per_round, self.federation.num_clients
+        if total == "auto":
+            raise ValueError("federation.num_clients is 'auto': known once the SuperNodes are")
         count = round(value * total) if value <= 1 else int(value)
         return max(1, min(count, total))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+AUTO_CLIENTS = 8  # federation.num_clients 'auto' under `fedsb run` and `fedsb demo`, which start the nodes
 
 
 # --- loading, overriding, validating ---------------------------------------------------------

@@ -84,13 +84,16 @@ def validate(c: ExperimentConfig) -> None:
              "a positive number or null")
     _require(c.method.init.num_samples > 0, "method.init.num_samples", c.method.init.num_samples,
              "a positive integer")
-    _require(c.federation.num_clients >= 1, "federation.num_clients", c.federation.num_clients,
-             "an integer >= 1")
+    k = c.federation.num_clients
+    auto = k == "auto"
+    _require(auto or k >= 1, "federation.num_clients", k, "an integer >= 1 or 'auto'")
     _require(c.federation.rounds >= 1, "federation.rounds", c.federation.rounds, "an integer >= 1")
     cpr = c.federation.clients_per_round
-    _require(0 < cpr <= 1 or (cpr > 1 and float(cpr).is_integer() and cpr <= c.federation.num_clients),
+    _require(0 < cpr <= 1 or (cpr > 1 and float(cpr).is_integer() and (auto or cpr <= k)),
              "federation.clients_per_round", cpr,
-             f"a fraction in (0, 1] or a count <= federation.num_clients ({c.federation.num_clients})")
+             f"a fraction in (0, 1] or a count <= federation.num_clients ({k})")
+    _require(not (auto and c.federation.centralised), "federation.num_clients", k,
+             "a number with federation.centralised=true (the reference pools that many clients' data)")
     _require(c.train.local_steps >= 1, "train.local_steps", c.train.local_steps, "an integer >= 1")
     _require(c.train.batch_size >= 1, "train.batch_size", c.train.batch_size, "an integer >= 1")
     _require(c.train.lr > 0, "train.lr", c.train.lr, "a positive number")

@@ -95,11 +95,12 @@ def run_in_process(run_config: Mapping[str, Any], num_nodes: int | None = None, 
                    ) -> tuple[InProcessGrid, ServerRun]:
     """One whole run of the ServerApp (`server.app.run_server`) over an in-process grid of num_nodes
     virtual clients (default: the config's federation.num_clients, as `fedsb run` starts)."""
+    from fedsb.experiment.config import AUTO_CLIENTS
     from fedsb.experiment.run_config import from_run_config
     from server.app import APP_DIR, run_server
 
     if num_nodes is None:
-        num_nodes = from_run_config(run_config, APP_DIR).federation.num_clients
+        num_nodes = from_run_config(run_config, APP_DIR).with_clients(AUTO_CLIENTS).federation.num_clients
     grid = InProcessGrid(num_nodes, run_config, tamper=tamper, client_threads=client_threads)
     return grid, run_server(grid, dict(run_config))
 

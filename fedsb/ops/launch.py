@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsb.experiment.checkpoint import has_checkpoint, load_checkpoint
-from fedsb.experiment.config import ExperimentConfig, is_file_source, load_config
+from fedsb.experiment.config import AUTO_CLIENTS, ExperimentConfig, is_file_source, load_config
 from fedsb.experiment.plan import Plan, check_plan
 from fedsb.experiment.rundir import run_dir_for, write_config
 from fedsb.ops.flwr_cli import COMPLETED, FINISHED, flower_env, run_flwr, write_connection
@@ -235,6 +235,7 @@ def prepare_run(config_path: str | Path | None, overrides: Mapping[str, Any] | N
     the run could not use (`check_plan`); starts nothing and writes nothing.
     """
     config = load_config(config_path, None if overrides is None else dict(overrides))
+    config = config.with_clients(AUTO_CLIENTS)  # 'auto': as many as the SuperNodes fedsb run starts
     check_resources(cpus_per_client, gpus_per_client)
     # The apps run in another working directory: make local data paths absolute.
     if is_file_source(config.data.source):
