@@ -24,7 +24,7 @@ from fedsb.data.instructions import INPUT, RESPONSE
 from fedsb.data.schema import TEXT_PAIR, column
 from fedsb.data.tokens import iterate_batches, tokenize, tokenize_instructions, tokenize_prompts
 from fedsb.experiment.cohort import hash_seed
-from fedsb.experiment.config import ExperimentConfig
+from fedsb.experiment.config import AUTO_CLIENTS, ExperimentConfig
 from fedsb.experiment.task import load_task_data
 from fedsb.methods import build_method
 from fedsb.methods.base import FederatedMethod
@@ -40,6 +40,8 @@ class Worker:
     """One base model with adapters, one tokenizer, one copy of the data: per process."""
 
     def __init__(self, config: ExperimentConfig):
+        # num_clients 'auto' is resolved by the apps from the federation; used directly, as fedsb run does
+        config = config.with_clients(AUTO_CLIENTS)
         self.config = config
         self.data = load_task_data(config)
         m = config.model
