@@ -105,7 +105,9 @@ def run_server(grid: Grid, run_config: dict[str, Any]) -> ServerRun:
     strategy = FedsbStrategy(
         worker.method, state, nodes, clients_per_round=min(config.clients_per_round(), len(nodes)),
         seed=config.seed, meter=meter, client_eval=config.eval.client_eval,
-        uniform_weights=config.federation.weighting == "uniform")
+        uniform_weights=config.federation.weighting == "uniform", min_clients=config.federation.min_clients,
+        max_failed_rounds=config.federation.max_failed_rounds,
+        max_update_norm=config.federation.max_update_norm)
     budget = PrivacyBudget(strategy, config.privacy.epsilon, init_ledgers) if config.privacy.enabled else None
     chosen: dict[str, Any] = {}  # the state of the round the recorder chooses (best validation accuracy)
     if checkpoint is not None:
@@ -131,7 +133,8 @@ def run_server(grid: Grid, run_config: dict[str, Any]) -> ServerRun:
             extra["gpu_peak_bytes"] = server_peak
         if server_round in strategy.rounds:
             r = strategy.rounds[server_round]
-            extra.update(clients=r.cohort, accepted=r.accepted, rejected=r.rejected, train_loss=r.train_loss)
+            extra.update(clients=r.cohort, accepted=r.accepted, rejected=r.rejected, failed=r.failed,
+                         skipped=r.skipped, train_loss=r.train_loss)
             if r.gpu_peak_bytes is not None:
                 extra["gpu_peak_bytes"] = max(r.gpu_peak_bytes, server_peak or 0)
             extra.update({f"client_{k}": v for k, v in r.client_eval.items()})
@@ -157,7 +160,8 @@ def run_server(grid: Grid, run_config: dict[str, Any]) -> ServerRun:
     runner: Strategy = budget or strategy
     if offset:
         runner = RoundOffset(runner, offset)
-    runner.start(grid, to_record(state), num_rounds=config.federation.rounds - offset, evaluate_fn=evaluate)
+    runner.start(grid, to_record(state), num_rounds=config.federation.rounds - offset, evaluate_fn=evaluate,
+                 timeout=config.federation.round_timeout_s)
 
     # The test split is looked at only now, at the two points a run reports: the round chosen on
     # validation, and the last round.

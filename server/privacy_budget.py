@@ -67,8 +67,8 @@ class PrivacyBudget(Strategy):
         round_log = self.strategy.rounds[server_round]
         passed = []
         for reply in replies:
-            pid = self.strategy.partition_of[reply.metadata.src_node_id]
-            if not reply.has_content() or METRICS_RECORD not in reply.content.metric_records:
+            pid = self.strategy.partition_of.get(reply.metadata.src_node_id)
+            if pid is None or not reply.has_content() or METRICS_RECORD not in reply.content.metric_records:
                 passed.append(reply)  # the wrapped strategy rejects it with its reason
                 continue
             metrics = reply.content[METRICS_RECORD]

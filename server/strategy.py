@@ -39,13 +39,23 @@ from fedsb.federation.protocol import (
 from fedsb.methods.base import FederatedMethod, InvalidUpdate
 
 
+class ClientFailed(InvalidUpdate):
+    """A client that raised, or did not reply in time: recorded as failed, not as a bad update."""
+
+
+class RunStopped(RuntimeError):
+    """Too many rounds in a row without enough valid updates (federation.max_failed_rounds)."""
+
+
 @dataclass
 class RoundLog:
     """What happened to each sampled client in one round."""
 
     cohort: list[int]
     accepted: list[int] = field(default_factory=list)
-    rejected: dict[int, str] = field(default_factory=dict)  # partition id -> reason
+    rejected: dict[int | str, str] = field(default_factory=dict)  # partition id (or 'node N') -> reason
+    failed: dict[int, str] = field(default_factory=dict)  # partition id -> why (raised, or no reply)
+    skipped: bool = False  # fewer valid updates than min_clients: the global state is unchanged
     refused: dict[int, str] = field(default_factory=dict)  # partition id -> why (privacy budget)
     epsilons: dict[int, float] = field(default_factory=dict)  # with DP: accepted clients' epsilon so far
     train_loss: float = math.nan
@@ -58,7 +68,8 @@ class FedsbStrategy(FedAvg):
 
     def __init__(self, method: FederatedMethod, initial_state: State, nodes: dict[int, int], *,
                  clients_per_round: int, seed: int, meter: Meter, client_eval: bool = False,
-                 uniform_weights: bool = False):
+                 uniform_weights: bool = False, min_clients: float = 1, max_failed_rounds: int = 3,
+                 max_update_norm: float | None = None):
         super().__init__(fraction_train=clients_per_round / len(nodes),
                          fraction_evaluate=1.0 if client_eval else 0.0,
                          min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1)
@@ -77,6 +88,10 @@ class FedsbStrategy(FedAvg):
         self.resend_meter = Meter()
         self.rounds: dict[int, RoundLog] = {}
         self.uniform_weights = uniform_weights  # a plain mean, whatever sizes the clients report
+        self.min_clients = min_clients
+        self.max_failed_rounds = max_failed_rounds
+        self.max_update_norm = max_update_norm
+        self.skipped_in_a_row = 0
 
     def summary(self) -> None:
         log(INFO, "\t├──> method %s, rank %d, alpha %s; %d of %d clients per round (seeded)",
@@ -121,7 +136,15 @@ class FedsbStrategy(FedAvg):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         round_log = self.rounds[server_round]
-        by_client = {self.partition_of[m.metadata.src_node_id]: m for m in replies}
+        by_client: dict[int, Message] = {}
+        for m in replies:  # a reply from a node that was not asked this round is never aggregated
+            pid = self.partition_of.get(m.metadata.src_node_id)
+            if pid is None or pid not in round_log.cohort or pid in by_client:
+                who = pid if pid is not None else f"node {m.metadata.src_node_id}"
+                round_log.rejected[who] = "a reply from a node that was not asked this round"
+                log(WARNING, "round %d: rejected a reply of %s: not asked", server_round, who)
+                continue
+            by_client[pid] = m
         uploads, weights, losses = [], [], []
         for pid in round_log.cohort:  # partition order: the aggregate does not depend on arrival order
             if pid in round_log.refused or pid in round_log.rejected:
@@ -130,6 +153,10 @@ class FedsbStrategy(FedAvg):
             self.meter_reply(server_round, pid, reply)
             try:
                 upload, num_examples, loss = self._parse_upload(reply)
+            except ClientFailed as err:
+                round_log.failed[pid] = str(err)
+                log(WARNING, "round %d: client %d failed: %s", server_round, pid, err)
+                continue
             except InvalidUpdate as err:
                 round_log.rejected[pid] = str(err)
                 log(WARNING, "round %d: rejected the update of client %d: %s", server_round, pid, err)
@@ -142,9 +169,18 @@ class FedsbStrategy(FedAvg):
             uploads.append(upload)
             weights.append(1 if self.uniform_weights else num_examples)
             losses.append(loss)
-        if not uploads:
-            log(WARNING, "round %d: no valid update; the global state is unchanged", server_round)
+        needed = self.required_updates(len(round_log.cohort))
+        if len(uploads) < needed:
+            round_log.skipped = True
+            self.skipped_in_a_row += 1
+            log(WARNING, "round %d: %d valid update(s), %d needed (federation.min_clients): round skipped, "
+                "the global state is unchanged", server_round, len(uploads), needed)
+            if self.skipped_in_a_row >= self.max_failed_rounds:
+                raise RunStopped(f"{self.skipped_in_a_row} rounds in a row without {needed} valid updates "
+                                 f"(federation.max_failed_rounds); the run stops after round "
+                                 f"{server_round - 1}, resumable with fedsb run --resume")
             return None, None
+        self.skipped_in_a_row = 0
         self.global_state = self.method.aggregate(self.global_state, uploads, weights)
         round_log.train_loss = sum(w * loss for w, loss in zip(weights, losses, strict=True)) / sum(weights)
         return to_record(self.global_state), MetricRecord(
@@ -156,12 +192,18 @@ class FedsbStrategy(FedAvg):
             meter_message(self.meter, reply.content, round=server_round, client=pid, phase="train",
                           direction="up")
 
+    def required_updates(self, cohort: int) -> int:
+        """The valid updates a round needs (federation.min_clients: a count, or a fraction of the cohort)."""
+        if self.min_clients <= 1 and not float(self.min_clients).is_integer():
+            return max(1, math.ceil(self.min_clients * cohort))
+        return min(int(self.min_clients), cohort)
+
     def _parse_upload(self, reply: Message | None) -> tuple[State, int, float]:
         """A reply's upload, example count and loss, or InvalidUpdate saying what is wrong."""
         if reply is None:
-            raise InvalidUpdate("no reply before the timeout")
+            raise ClientFailed("no reply within federation.round_timeout_s")
         if reply.has_error():
-            raise InvalidUpdate(f"the client failed: {reply.error.reason}")
+            raise ClientFailed(f"the client failed: {reply.error.reason}")
         records = reply.content
         if ADAPTER_RECORD not in records.array_records or METRICS_RECORD not in records.metric_records:
             raise InvalidUpdate(f"the reply needs the records {ADAPTER_RECORD!r} and {METRICS_RECORD!r}")
@@ -171,6 +213,12 @@ class FedsbStrategy(FedAvg):
             raise InvalidUpdate(f"{NUM_EXAMPLES} must be a positive integer, got {num_examples!r}")
         upload = to_state(records[ADAPTER_RECORD])
         self.method.validate_upload(upload, self.global_state)
+        if self.max_update_norm is not None:
+            norm = math.sqrt(sum(float((v.double() - self.global_state[k].double()).pow(2).sum())
+                                 for k, v in upload.items()))
+            if norm > self.max_update_norm:
+                raise InvalidUpdate(f"update norm {norm:.4g} exceeds federation.max_update_norm "
+                                    f"{self.max_update_norm:g}")
         return upload, num_examples, float(metrics.get("train-loss", math.nan))
 
     # -- client-side evaluation (optional) -------------------------------------------------------

@@ -147,6 +147,16 @@ class FederationConfig:
     # The centralised reference (not federated): the same model, adapter and total number of
     # optimiser steps, on all the clients' data pooled in one client (see `centralise`).
     centralised: bool = False
+    # Failures: a client that raises or does not reply within round_timeout_s is recorded as failed
+    # and the round aggregates the others; with fewer than min_clients valid updates (a count, or a
+    # fraction of the cohort) the round is skipped, the global state unchanged; after
+    # max_failed_rounds skipped rounds in a row the run stops (resumable from its checkpoint).
+    round_timeout_s: float = 3600.0
+    min_clients: float = 1
+    max_failed_rounds: int = 3
+    # An optional bound on the L2 norm of a client's update (its upload minus the global tensors):
+    # a larger one is rejected with its reason. null: no bound.
+    max_update_norm: float | None = None
 
 
 @dataclass

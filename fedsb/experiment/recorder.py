@@ -81,6 +81,11 @@ class RunRecorder:
             line += f" | GPU peak {row.gpu_peak_bytes / 2**30:.2f} GiB"
         if row.epsilon_max_all is not None:
             line += f" | epsilon max {row.epsilon_max_all:.2f}"
+        if row.failed:
+            reasons = "; ".join(f"client {c}: {r}" for c, r in row.failed.items())
+            line += f" | failed {len(row.failed)}: {reasons}"
+        if row.skipped:
+            line += " | SKIPPED (too few valid updates: federation.min_clients)"
         if row.rejected:
             reasons = "; ".join(f"client {c}: {r}" for c, r in row.rejected.items())
             line += f" | rejected {len(row.rejected)}: {reasons}"

@@ -63,6 +63,8 @@ class MetricsRow:
     accepted: list[int] | None = None
     rejected: dict[str, str] | None = None  # partition id -> reason
     refused: dict[str, str] | None = None  # partition id -> why it refused (its privacy budget)
+    failed: dict[str, str] | None = None  # partition id -> why it failed (raised, or no reply in time)
+    skipped: bool | None = None  # fewer valid updates than federation.min_clients: state unchanged
     train_loss: float | None = None  # weighted mean over accepted clients (None under DP: not released)
     client_accuracy: float | None = None  # eval.client_eval: the global state on the clients' own data
     client_loss: float | None = None
@@ -74,7 +76,7 @@ class MetricsRow:
 
     def to_dict(self) -> dict[str, Any]:
         row = dataclasses.asdict(self)
-        for name in ("rejected", "refused"):
+        for name in ("rejected", "refused", "failed"):
             if row[name] is not None:
                 row[name] = {str(k): v for k, v in row[name].items()}
         return json_safe(row)

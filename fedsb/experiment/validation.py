@@ -92,6 +92,13 @@ def validate(c: ExperimentConfig) -> None:
     _require(0 < cpr <= 1 or (cpr > 1 and float(cpr).is_integer() and (auto or cpr <= k)),
              "federation.clients_per_round", cpr,
              f"a fraction in (0, 1] or a count <= federation.num_clients ({k})")
+    f = c.federation
+    _require(f.round_timeout_s > 0, "federation.round_timeout_s", f.round_timeout_s, "a positive number")
+    _require(0 < f.min_clients <= 1 or float(f.min_clients).is_integer(), "federation.min_clients",
+             f.min_clients, "a fraction in (0, 1] of the cohort, or a count >= 1")
+    _require(f.max_failed_rounds >= 1, "federation.max_failed_rounds", f.max_failed_rounds, "an integer >= 1")
+    _require(f.max_update_norm is None or f.max_update_norm > 0, "federation.max_update_norm",
+             f.max_update_norm, "a positive number or null")
     _require(not (auto and c.federation.centralised), "federation.num_clients", k,
              "a number with federation.centralised=true (the reference pools that many clients' data)")
     _require(c.train.local_steps >= 1, "train.local_steps", c.train.local_steps, "an integer >= 1")

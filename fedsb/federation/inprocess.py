@@ -23,7 +23,8 @@ from flwr.supercore.task_identity import TaskIdentity
 if TYPE_CHECKING:
     from server.app import ServerRun
 
-Tamper = Callable[[int, Message], Message]  # (partition id, reply) -> reply: to forge bad updates in tests
+# (partition id, reply) -> reply: to forge bad updates in tests; None: the reply is lost (a timeout)
+Tamper = Callable[[int, Message], Message | None]
 
 
 class InProcessGrid:
@@ -66,7 +67,8 @@ class InProcessGrid:
         """The reply to the first queued message among message_ids (one client runs per pull)."""
         for message_id in message_ids:
             if message_id in self._queued:
-                return [self._deliver(self._queued.pop(message_id))]
+                reply = self._deliver(self._queued.pop(message_id))
+                return [] if reply is None else [reply]
         return []
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
@@ -75,7 +77,7 @@ class InProcessGrid:
             replies.extend(self.pull_messages([message_id]))
         return replies
 
-    def _deliver(self, message: Message) -> Message:
+    def _deliver(self, message: Message) -> Message | None:
         from clients.app import app as client_app
 
         context = self.contexts[message.metadata.dst_node_id]
@@ -86,6 +88,8 @@ class InProcessGrid:
             reply = Message(Error(code=1, reason=f"{type(err).__name__}: {err}"), reply_to=message)
         if self.tamper is not None:
             reply = self.tamper(int(context.node_config["partition-id"]), reply)
+            if reply is None:
+                return None
         self.replies.append(reply)
         return reply
 
