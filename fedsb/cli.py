@@ -1,7 +1,9 @@
 """The `fedsb` command. Each subcommand is one `Subcommand` entry in SUBCOMMANDS.
 
 The CLI only parses arguments and prints; the work is done by the library (`fedsb.experiment.comm`,
-...). To add a subcommand (run, demo, sweep, plot), write its `add_arguments` and `run`
+...). Every subcommand runs inside fedsb.ops.interrupts.handle_interrupts: Ctrl-C and SIGTERM raise an
+exception, so what a command started is stopped, and the exit status is 128 + the signal number. To
+add a subcommand (run, demo, sweep, plot), write its `add_arguments` and `run`
 functions and append a `Subcommand` to SUBCOMMANDS.
 """
 
@@ -20,6 +22,7 @@ import fedsb.experiment.comm as comm
 import fedsb.ops.deploy.cli as deploy_cli
 from fedsb.core.models import TASKS, TINY_MODELS, find_target_modules
 from fedsb.methods import get_method, method_names
+from fedsb.ops.interrupts import exit_status, handle_interrupts, signal_name
 from fedsb.ops.launch import add_launch_arguments
 
 DEFAULT_RANK = 8
@@ -318,10 +321,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `fedsb` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
     try:
-        return args._run(args)
+        # SIGINT and SIGTERM become an exception: every command stops what it started (its
+        # `finally` blocks and context managers run) and exits with 128 + the signal number.
+        with handle_interrupts():
+            return args._run(args)
     except (ValueError, FileNotFoundError) as err:
         print(f"fedsb {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:
+        print(f"fedsb {args.command}: interrupted ({signal_name(exit_status(err) - 128)})", file=sys.stderr)
+        return exit_status(err)
 
 
 if __name__ == "__main__":

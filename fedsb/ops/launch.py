@@ -14,6 +14,12 @@ What it does, in order (each step is a Flower command line, not a Python import 
    `flwr run --stream` can exit 0 on a failed run, so the status is what counts;
 6. stop the run if it is still going, and stop the SuperLink and everything it started.
 
+Step 6 runs however the command ends: the run's end, an error, Ctrl-C or SIGTERM (`fedsb run`
+turns both signals into an exception, fedsb.ops.interrupts, so this clean-up runs). "Everything
+it started" is the SuperLink's process group and every process carrying this launch's
+FEDSB_PROCESS_TAG (the SuperExec, `flwr-simulation` and Ray's processes, which leave the group):
+see fedsb.ops.processes. The clean-up itself is `deferred`: a second signal cannot cut it short.
+
 Starting and stopping processes (fedsb.ops.processes) and running `flwr` (fedsb.ops.flwr_cli) are
 shared with the local deployment (fedsb.ops.deploy).
 """
@@ -23,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -37,7 +44,16 @@ from fedsb.experiment.config import AUTO_CLIENTS, ExperimentConfig, is_file_sour
 from fedsb.experiment.plan import Plan, check_plan
 from fedsb.experiment.rundir import run_dir_for, write_config
 from fedsb.ops.flwr_cli import COMPLETED, FINISHED, flower_env, run_flwr, write_connection
-from fedsb.ops.processes import free_ports, spawn, stop_processes, wait_until
+from fedsb.ops.interrupts import deferred, signal_name
+from fedsb.ops.processes import (
+    free_ports,
+    new_tag,
+    spawn,
+    stop_processes,
+    stop_tagged,
+    tagged_env,
+    wait_until,
+)
 
 CONNECTION = "fedsb-local"  # the SuperLink connection name in the private FLWR_HOME
 # Lines of the run log that carry no information for a person (the full log is kept).
@@ -69,21 +85,31 @@ def project_dir() -> Path:
 
 
 @contextlib.contextmanager
-def local_superlink(workdir: Path, log_file: Path, timeout_s: float = 90.0) -> Iterator[tuple[dict, int]]:
-    """A private simulation SuperLink on a free port; stopped (with its process group) on exit."""
+def local_superlink(workdir: Path, log_file: Path, timeout_s: float = 90.0,
+                    echo: Callable[[str], None] | None = None) -> Iterator[tuple[dict, int]]:
+    """A private simulation SuperLink on a free port. On exit (however the block ends) it is stopped
+    with its process group, and so is every process carrying its tag (its SuperExec, the
+    simulation, Ray's processes: they leave the group)."""
     home = workdir / "flwr-home"
     home.mkdir(parents=True, exist_ok=True)
     (port,) = free_ports(1, port_range=None)  # an ephemeral port from the OS
     write_connection(home, CONNECTION, f"127.0.0.1:{port}")
-    env = flower_env(home)
+    tag = new_tag()
+    env = tagged_env(flower_env(home), tag)
     argv = ["flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",
             "--host", "127.0.0.1", "--port", str(port), "--log-file", str(home / "superlink.log")]
-    superlink = spawn("superlink", argv, log=log_file, cwd=workdir, env=env)  # stopped with its group
+    superlink = None
     try:
+        superlink = spawn("superlink", argv, log=log_file, cwd=workdir, env=env)  # stopped with its group
         wait_until(superlink, lambda: _healthy(port), timeout_s, "healthy", "the SuperLink", interval=0.5)
         yield env, port
     finally:
-        stop_processes([superlink], grace_s=10.0)
+        with deferred():
+            # Everything with the tag (the SuperLink too) while the SuperExec still holds its session
+            # (see fedsb.ops.processes), then the SuperLink's group, which also reaps the SuperLink.
+            stop_tagged(tag, grace_s=10.0, echo=echo)
+            if superlink is not None:
+                stop_processes([superlink], grace_s=5.0, echo=echo)
 
 
 def _healthy(port: int) -> bool:
@@ -123,13 +149,17 @@ def stream_log(run_id: int, env: Mapping[str, str], cwd: Path, log_file: Path,
                                    cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                    stdin=subprocess.DEVNULL)
         assert process.stdout is not None
-        for line in process.stdout:
-            out.write(line)
-            out.flush()
-            text = line.rstrip()
-            if text.strip() and not any(noise in text for noise in NOISE):
-                echo(text)
-        process.wait()
+        try:
+            for line in process.stdout:
+                out.write(line)
+                out.flush()
+                text = line.rstrip()
+                if text.strip() and not any(noise in text for noise in NOISE):
+                    echo(text)
+        finally:  # interrupted: the `flwr log` child must not outlive this process
+            if process.poll() is None:
+                process.kill()
+            process.wait()
 
 
 def run_simulation(config_path: str | Path | None, overrides: Mapping[str, Any] | None = None, *,
@@ -199,7 +229,7 @@ def _launch(config: ExperimentConfig, run_dir: Path, *, app_dir: Path | None, cp
     run_id = None
     status, details = "not started", ""
     try:
-        with local_superlink(workdir, log_file) as (env, _port):
+        with local_superlink(workdir, log_file, echo=echo) as (env, _port):
             run_config = f"config='{run_dir / 'config.yaml'}' run-dir='{run_dir}'"
             if resume:
                 run_config += " resume=true"
@@ -217,8 +247,13 @@ def _launch(config: ExperimentConfig, run_dir: Path, *, app_dir: Path | None, cp
                 status, details = _wait(run_id, env, workdir, start + timeout_s)
             finally:
                 if not status.startswith(FINISHED):  # interrupted or timed out: stop the run first
-                    with contextlib.suppress(Exception):
-                        run_flwr(["stop", str(run_id), CONNECTION], env=env, cwd=workdir)
+                    with deferred(), contextlib.suppress(Exception):
+                        run_flwr(["stop", str(run_id), CONNECTION], env=env, cwd=workdir, timeout=30)
+    except KeyboardInterrupt as err:  # Ctrl-C, SIGTERM: every process is stopped by now
+        what = f"Flower run {run_id} and every process" if run_id is not None else "every process"
+        echo(f"fedsb run: interrupted ({signal_name(getattr(err, 'signum', signal.SIGINT))}): {what} it "
+             f"started stopped; partial results in {run_dir}")
+        raise
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     outcome = RunOutcome(run_id, status, details, run_dir, time.monotonic() - start)

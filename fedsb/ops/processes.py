@@ -2,9 +2,26 @@
 log file, waiting until it serves, and stopping it with everything it spawned.
 
 One implementation for `fedsb run` (fedsb.ops.launch: a simulation SuperLink) and for the local
-deployment (fedsb.ops.deploy.local: a SuperLink, SuperNodes and SuperExecs). Every command is
-started in its own session, so it leads a process group that also holds what it spawns (a
-SuperExec's app processes, say); stopping signals the whole group, SIGTERM then SIGKILL.
+deployment (fedsb.ops.deploy.local: a SuperLink, SuperNodes and SuperExecs).
+
+What is stopped, and how it is found:
+- Every command fedsb starts (`spawn`) is started in its own session, so it leads a process group
+  that also holds what it spawns; `stop_processes` signals the whole group, SIGTERM, a grace
+  period, then SIGKILL.
+- Some descendants leave that group: the SuperLink's SuperExec starts a session of its own
+  (flwr 1.41), and the simulation it runs (`flwr-simulation`) with all of Ray's processes
+  (gcs_server, raylet, the dashboard and runtime-env agents, `ray::ClientAppActor` workers) live
+  in the SuperExec's session, re-parented to PID 1 once the SuperExec exits. `find_tagged` finds
+  them: each launch gives its Flower processes a unique `FEDSB_PROCESS_TAG` (`new_tag`,
+  `tagged_env`), which every descendant inherits (Ray passes its environment on to its daemons
+  and workers), and /proc is walked for (1) processes whose environment holds exactly that tag,
+  (2) every process in the session of one of those (except this process's own session), and
+  (3) their descendants. (2) and (3) are needed because Ray's workers and agents set their
+  process titles (`ray::DashboardAgent`), which can overwrite what /proc/PID/environ shows.
+  `stop_tagged` sends them SIGTERM, waits, then SIGKILLs what is left (repeatedly, in case a
+  dying parent started another). Nothing else is touched, so other users' and other runs'
+  Flower and Ray processes are safe. On a system without /proc only the process groups are
+  stopped.
 """
 
 from __future__ import annotations
@@ -16,11 +33,14 @@ import signal
 import socket
 import subprocess
 import time
+import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 PORT_RANGE = (41000, 41999)  # the local deployment's ports
+TAG_ENV = "FEDSB_PROCESS_TAG"  # in the environment of every Flower process of one launch (see above)
+PROC = Path("/proc")
 
 Echo = Callable[[str], None]
 
@@ -176,3 +196,106 @@ def stop_processes(procs: Sequence[ManagedProcess], grace_s: float = 8.0, echo: 
         except subprocess.TimeoutExpired:  # pragma: no cover - a process that survives SIGKILL
             if echo:
                 echo(f"{mp.name} (pid {mp.pid}) is still there after SIGKILL")
+
+
+# ---------------------------------------------------------------------------------------------
+# Processes that leave their process group: found by a tag in their environment
+# ---------------------------------------------------------------------------------------------
+
+def new_tag() -> str:
+    """A tag no other launch has: this process's id and a random part."""
+    return f"{os.getpid()}-{uuid.uuid4().hex}"
+
+
+def tagged_env(env: Mapping[str, str], tag: str) -> dict[str, str]:
+    """`env` with TAG_ENV set to `tag` (what each process started with it, and all it starts, carries)."""
+    return {**env, TAG_ENV: tag}
+
+
+def _stat(proc_root: Path, pid: int) -> tuple[int, int] | None:
+    """(parent pid, session id) of a live process; None if it is gone or a zombie."""
+    try:
+        stat = (proc_root / str(pid) / "stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": state ppid pgrp session ...
+    if fields[0] in ("Z", "X"):
+        return None
+    return int(fields[1]), int(fields[3])
+
+
+def find_tagged(tag: str, proc_root: Path = PROC, sessions: set[int] | None = None) -> list[int]:
+    """The live processes of the launch that carries `tag` (not this process), found three ways:
+    their environment holds `TAG_ENV=tag` exactly; or they are in the session of such a process
+    (other than this process's own session); or they descend from one of those. The latter two
+    find Ray's workers and agents, which overwrite the memory /proc/PID/environ shows when they set
+    their process titles (`ray::DashboardAgent`), but stay in the session of the SuperExec that
+    started the simulation. `sessions`, if given, collects those session ids across calls, so that
+    a session is still recognised after its tagged members are gone."""
+    entry = f"{TAG_ENV}={tag}".encode()
+    sessions = set() if sessions is None else sessions
+    own = {os.getpid()}
+    own_session = -1
+    with contextlib.suppress(OSError):
+        own_session = os.getsid(0)  # shared with the caller's other processes: never a launch's
+    try:
+        pids = [int(p.name) for p in proc_root.iterdir() if p.name.isdigit()]
+    except OSError:  # no /proc: only the process groups can be stopped
+        return []
+    table = {pid: info for pid in pids if pid not in own and (info := _stat(proc_root, pid)) is not None}
+    found = set()
+    for pid, (_ppid, sid) in table.items():
+        try:
+            environ = (proc_root / str(pid) / "environ").read_bytes()
+        except OSError:  # gone, or another user's
+            continue
+        if entry in environ.split(b"\0"):
+            found.add(pid)
+            if sid != own_session:
+                sessions.add(sid)
+    found.update(pid for pid, (_ppid, sid) in table.items() if sid in sessions)
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _sid) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    stack = list(found)
+    while stack:
+        for child in children.get(stack.pop(), ()):
+            if child not in found:
+                found.add(child)
+                stack.append(child)
+    return sorted(found)
+
+
+def _signal_pids(pids: Iterable[int], sig: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, sig)
+
+
+def stop_tagged(tag: str, grace_s: float = 5.0, echo: Echo | None = None,
+                proc_root: Path = PROC) -> list[int]:
+    """Stop every process carrying `tag` (see the module docstring): SIGTERM, up to `grace_s`
+    seconds for them to exit, then SIGKILL until none is left. The pids that were found."""
+    sessions: set[int] = set()
+    pids = find_tagged(tag, proc_root, sessions)
+    if not pids:
+        return []
+    seen = set(pids)
+    _signal_pids(pids, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while pids and time.monotonic() < deadline:
+        time.sleep(0.2)
+        pids = find_tagged(tag, proc_root, sessions)
+        seen.update(pids)
+    for _ in range(20):  # a dying parent (a raylet) may start another worker: repeat until none
+        if not pids:
+            break
+        if echo:
+            echo(f"SIGKILL to {len(pids)} process(es) still running after SIGTERM: {sorted(pids)}")
+        _signal_pids(pids, signal.SIGKILL)
+        time.sleep(0.2)
+        pids = find_tagged(tag, proc_root, sessions)
+        seen.update(pids)
+    if pids and echo:  # pragma: no cover - a process that survives SIGKILL
+        echo(f"processes still there after SIGKILL: {sorted(pids)}")
+    return sorted(seen)

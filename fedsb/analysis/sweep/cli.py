@@ -25,7 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """`fedsb sweep`: 0 if every cell is completed, 1 if any failed (2 for a bad sweep file, via main)."""
+    """`fedsb sweep`: 0 if every cell is completed, 1 if any failed (via main: 2 for a bad sweep file,
+    128 + the signal number when Ctrl-C or SIGTERM stopped it, its running cell recorded as interrupted)."""
     if args.dry_run:
         spec = load_sweep(args.sweep)
         latest = latest_rows(read_rows(spec.output_dir / SWEEP_CSV)[1])

@@ -4,7 +4,10 @@ Every cell is one real run through `fedsb.ops.launch.run_simulation` (the path o
 its runs under <sweep dir>/runs. As soon as a cell ends, one row is appended to <sweep dir>/sweep.csv
 (fedsb.analysis.sweep.table). Running the sweep again skips the cells whose latest row is completed
 and retries the others; a failed cell (a bad value stops at config validation; a Flower run can
-fail) is recorded and the sweep goes on. With `tune`, tuned.csv is written at the end
+fail) is recorded and the sweep goes on. A cell whose run is interrupted (Ctrl-C, SIGTERM: the run
+and its processes are stopped first, fedsb.ops.launch) is recorded as `interrupted` and the sweep
+stops there, re-raising the interrupt (`fedsb sweep` exits with 128 + the signal number); the next
+`fedsb sweep` reruns it, as any cell not completed. With `tune`, tuned.csv is written at the end
 (fedsb.analysis.sweep.tuning).
 
 Progress over the whole sweep is a tqdm bar (cells done, elapsed, time left) on `progress`; each
@@ -14,6 +17,7 @@ cell also gets its own lines through `echo` (what runs, and how it ended: status
 from __future__ import annotations
 
 import dataclasses
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +32,7 @@ from fedsb.analysis.sweep.spec import Cell, SweepSpec, format_value, load_sweep,
 from fedsb.analysis.sweep.table import (
     COMPLETED,
     ERROR,
+    INTERRUPTED,
     INVALID_CONFIG,
     SWEEP_CSV,
     TUNED_CSV,
@@ -50,6 +55,16 @@ class Outcome(Protocol):
 
 
 Runner = Callable[..., Outcome]  # run_simulation's signature
+
+
+class CellInterrupted(KeyboardInterrupt):
+    """A cell's run was interrupted: `row` is its sweep.csv row (status `interrupted`), `signum` the
+    signal (SIGINT for a plain KeyboardInterrupt)."""
+
+    def __init__(self, row: dict[str, Any], signum: int) -> None:
+        super().__init__(row.get("error", "interrupted"))
+        self.row = row
+        self.signum = signum
 
 
 @dataclass
@@ -93,9 +108,15 @@ def run_sweep(path: str | Path, *, runner: Runner | None = None, stream: bool = 
               disable=progress is None, dynamic_ncols=True) as bar:
         for cell in todo:
             echo(f"[{cell.index}/{len(cells)}] run  {cell.label}")
-            row = run_cell(spec, cell, runner, stream=stream, cpus_per_client=cpus_per_client,
-                           gpus_per_client=gpus_per_client, app_dir=app_dir,
-                           echo=lambda line: echo(f"    {line}"))
+            try:
+                row = run_cell(spec, cell, runner, stream=stream, cpus_per_client=cpus_per_client,
+                               gpus_per_client=gpus_per_client, app_dir=app_dir,
+                               echo=lambda line: echo(f"    {line}"))
+            except CellInterrupted as stop:
+                append_row(csv_path, spec.columns, stop.row)
+                echo(f"[{cell.index}/{len(cells)}] {INTERRUPTED}: {cell.label}; the sweep stops here "
+                     f"(`fedsb sweep {path}` again reruns it and every cell not yet completed)")
+                raise
             append_row(csv_path, spec.columns, row)
             ran.append(row)
             echo(f"[{cell.index}/{len(cells)}] {cell_outcome(row)}")
@@ -128,8 +149,9 @@ def run_cell(spec: SweepSpec, cell: Cell, runner: Runner, *, stream: bool = Fals
              echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Run one cell and return its sweep.csv row; a failed run is a row, never an exception.
 
-    (A finished run whose summary.json does not match the schema does raise: that is a bug of the
-    writer or this reader, not a result.)
+    An interrupted run (KeyboardInterrupt: Ctrl-C, or SIGTERM through fedsb.ops.interrupts) raises
+    CellInterrupted with the cell's row, status `interrupted`. (A finished run whose summary.json
+    does not match the schema does raise: that is a bug of the writer or this reader, not a result.)
     """
     overrides = {**spec.fixed, **cell.overrides, "output_dir": str(spec.output_dir / "runs")}
     row: dict[str, Any] = {"cell": cell.label, **{k: format_value(v) for k, v in cell.overrides.items()},
@@ -147,6 +169,10 @@ def run_cell(spec: SweepSpec, cell: Cell, runner: Runner, *, stream: bool = Fals
     except Exception as err:  # any failure of one cell is that cell's result: the sweep goes on
         row.update(status=ERROR, error=f"{type(err).__name__}: {err}")
         return _finish(row)
+    except KeyboardInterrupt as err:  # the run and its processes are stopped by now
+        signum = int(getattr(err, "signum", signal.SIGINT))
+        row.update(status=INTERRUPTED, error=f"interrupted by {signal.Signals(signum).name}")
+        raise CellInterrupted(_finish(row), signum) from err
     row.update(status=outcome.status, elapsed_s=round(outcome.elapsed_s, 1),
                error="" if outcome.status == COMPLETED else (outcome.details or outcome.status))
     run_dir = Path(outcome.run_dir)

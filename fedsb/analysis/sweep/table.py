@@ -19,6 +19,7 @@ TUNED_CSV = "tuned.csv"  # with `tune`: fedsb.analysis.sweep.tuning
 COMPLETED = "finished:completed"  # fedsb.ops.launch.COMPLETED (not imported here: launch loads torch)
 INVALID_CONFIG = "invalid config"  # the cell's config did not validate: nothing was started
 ERROR = "error"  # run_simulation raised (e.g. the SuperLink did not start)
+INTERRUPTED = "interrupted"  # Ctrl-C or SIGTERM stopped the cell's run (and the sweep); rerun next time
 # Same order as fedsb.experiment.comm.METER_COMPONENTS (importing fedsb.experiment.comm would load torch).
 COMPONENTS = ("lora_A", "lora_B", "lora_R", "residual", "head", "init")
 DIRECTIONS = ("up", "down")

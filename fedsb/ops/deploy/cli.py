@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from fedsb.ops.deploy.credentials import generate_credentials
+from fedsb.ops.interrupts import handle_interrupts
 
 COMPOSE_HOSTS = ("localhost", "127.0.0.1", "superlink")  # `superlink`: the compose service's name
 
@@ -78,23 +78,19 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {app_dir} has no pyproject.toml (not a Flower app directory)", file=sys.stderr)
         return 2
 
-    def _terminate(signum: int, _frame: object) -> None:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    # SIGTERM and Ctrl-C raise an exception (later ones cannot cut the clean-up short); leaving
+    # deploy_local's LocalDeployment stops every process it started. The exit status is 130 for both.
     try:
-        result = deploy_local(app_dir, nodes=args.nodes, run_config=overrides, workdir=args.workdir,
-                              tls=not args.no_tls, auth=not (args.no_auth or args.no_tls),
-                              timeout=args.timeout, stream=not args.quiet)
+        with handle_interrupts():
+            result = deploy_local(app_dir, nodes=args.nodes, run_config=overrides, workdir=args.workdir,
+                                  tls=not args.no_tls, auth=not (args.no_auth or args.no_tls),
+                                  timeout=args.timeout, stream=not args.quiet)
     except KeyboardInterrupt:
         print("[deploy] interrupted; every started process was stopped", file=sys.stderr)
         return 130
     except ProcessError as err:  # DeployError, FlwrError: a step failed, its message says which
         print(f"[deploy] error: {err}", file=sys.stderr)
         return 1
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     print(json.dumps({"run-id": result.run_id, "status": result.status,
                       "status-details": result.status_details, "run-dir": str(result.run_dir),
                       "workdir": str(result.workdir),

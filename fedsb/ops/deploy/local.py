@@ -10,7 +10,10 @@ under the work directory.
 
 `deploy_local()` starts it all, submits one `flwr run`, waits for the run's final status (never
 trusting an exit code: the status comes from `flwr ls --run-id`), saves the run's log, and stops
-every process it started (by process group, SIGTERM then SIGKILL), also on errors and Ctrl-C.
+every process it started, also on errors, Ctrl-C and SIGTERM (`fedsb deploy-local` turns both
+signals into an exception, fedsb.ops.interrupts): by process group, SIGTERM then SIGKILL, and then
+every process carrying the deployment's FEDSB_PROCESS_TAG that left its group (fedsb.ops.processes
+says how they are found).
 `LocalDeployment` is the same machinery one step at a time (tests use it to add SuperNodes
 that must be refused).
 
@@ -43,14 +46,18 @@ from pathlib import Path
 
 from fedsb.ops.deploy.credentials import Credentials, generate_credentials, generate_node_key
 from fedsb.ops.flwr_cli import COMPLETED, FlwrError, flower_env, run_flwr, write_connection, write_run_config
+from fedsb.ops.interrupts import deferred
 from fedsb.ops.processes import (
     PORT_RANGE,
     Echo,
     ManagedProcess,
     ProcessError,
     free_ports,
+    new_tag,
     spawn,
     stop_processes,
+    stop_tagged,
+    tagged_env,
     tail,
     wait_for_port,
 )
@@ -99,6 +106,7 @@ class LocalDeployment:
         self.home.mkdir(exist_ok=True)
         self.tls, self.auth = tls, auth
         self.echo: Echo = echo or (lambda _msg: None)
+        self.tag = new_tag()  # in every process's environment: finds those that leave their group
         self.extra_env = dict(extra_env or {})
         self.port_range = port_range
         self.procs: list[ManagedProcess] = []
@@ -125,7 +133,7 @@ class LocalDeployment:
         return f"127.0.0.1:{self.superlink_port}"
 
     def env(self, flwr_home: Path | None = None) -> dict[str, str]:
-        return flower_env(flwr_home or self.home, self.extra_env)
+        return tagged_env(flower_env(flwr_home or self.home, self.extra_env), self.tag)
 
     def _ports(self, n: int) -> list[int]:
         ports = free_ports(n, self.port_range, exclude=self._used_ports)
@@ -381,12 +389,14 @@ class LocalDeployment:
         if self._stopped:
             return
         self._closing = True  # no new processes from here on
-        alive = [mp for mp in self.procs if mp.alive()]
-        if self.procs:
-            self.echo(f"stopping {len(alive)} running process(es) of {len(self.procs)} started")
-        stop_processes(self.procs, grace_s=grace, echo=self.echo)
-        self._stopped = True
-        atexit.unregister(self.stop)
+        with deferred():  # a signal now is raised once everything is stopped
+            alive = [mp for mp in self.procs if mp.alive()]
+            if self.procs:
+                self.echo(f"stopping {len(alive)} running process(es) of {len(self.procs)} started")
+            stop_processes(self.procs, grace_s=grace, echo=self.echo)
+            stop_tagged(self.tag, grace_s=grace / 2, echo=self.echo)  # any that left its process group
+            self._stopped = True
+            atexit.unregister(self.stop)
 
 
 # ---------------------------------------------------------------------------------------------
