@@ -347,6 +347,17 @@ def _set_dotted(data: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def flatten(data: typing.Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'federation': {'rounds': 3}} -> {'federation.rounds': 3}; dotted keys stay as they are."""
+    flat: dict[str, Any] = {}
+    for k, v in data.items():
+        if isinstance(v, typing.Mapping):
+            flat.update(flatten(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """'key.sub=value' -> (key.sub, YAML-parsed value)."""
     if "=" not in text:

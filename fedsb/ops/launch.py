@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsb.experiment.checkpoint import has_checkpoint, load_checkpoint
-from fedsb.experiment.config import AUTO_CLIENTS, ExperimentConfig, is_file_source, load_config
+from fedsb.experiment.config import AUTO_CLIENTS, ExperimentConfig, flatten, is_file_source, load_config
 from fedsb.experiment.plan import Plan, check_plan
 from fedsb.experiment.rundir import run_dir_for, write_config
 from fedsb.ops.flwr_cli import COMPLETED, FINISHED, flower_env, run_flwr, write_connection
@@ -191,12 +191,12 @@ def _resume(run_dir: Path, config_path: str | Path | None, overrides: Mapping[st
         raise ValueError(f"--resume {run_dir}: not a run directory (no config.yaml)")
     config = load_config(run_dir / "config.yaml")
     if config_path is not None or overrides:
-        given = load_config(config_path or run_dir / "config.yaml", overrides).to_dict()
-        saved = config.to_dict()
-        for key in _flat(saved):
-            if key != "output_dir" and _flat(given).get(key) != _flat(saved)[key]:
-                raise ValueError(f"--resume {run_dir}: {key} is {_flat(given).get(key)!r} here but "
-                                 f"{_flat(saved)[key]!r} in the run; resume with the run's own config")
+        given = flatten(load_config(config_path or run_dir / "config.yaml", overrides).to_dict())
+        saved = flatten(config.to_dict())
+        for key, value in saved.items():
+            if key != "output_dir" and given.get(key) != value:
+                raise ValueError(f"--resume {run_dir}: {key} is {given.get(key)!r} here but "
+                                 f"{value!r} in the run; resume with the run's own config")
     if (run_dir / "summary.json").is_file():
         launch["echo"](f"fedsb run: {run_dir} has finished (summary.json); nothing to resume")
         return RunOutcome(None, COMPLETED, "already finished", run_dir, 0.0)
@@ -206,16 +206,6 @@ def _resume(run_dir: Path, config_path: str | Path | None, overrides: Mapping[st
     launch["echo"](f"fedsb run: resuming {run_dir} after round {load_checkpoint(run_dir)[0].round} "
                    f"of {config.federation.rounds}")
     return _launch(config, run_dir, resume=True, **launch)
-
-
-def _flat(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, Mapping):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def _launch(config: ExperimentConfig, run_dir: Path, *, app_dir: Path | None, cpus_per_client: int,

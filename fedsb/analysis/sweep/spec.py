@@ -47,7 +47,7 @@ from typing import Any
 
 import yaml
 
-from fedsb.experiment.config import ExperimentConfig, load_yaml
+from fedsb.experiment.config import ExperimentConfig, flatten, load_yaml
 
 TOP_LEVEL_KEYS = ("base", "output_dir", "set", "grid", "tune")
 PIN_FILE = "sweep.json"  # in the sweep directory: the settings every cell shares, and the grid
@@ -171,17 +171,6 @@ def _is_list_type(hint: Any) -> bool:
     return False
 
 
-def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{'federation': {'rounds': 3}} -> {'federation.rounds': 3}; dotted keys stay as they are."""
-    flat: dict[str, Any] = {}
-    for k, v in data.items():
-        if isinstance(v, Mapping):
-            flat.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            flat[f"{prefix}{k}"] = v
-    return flat
-
-
 def _check_overrides(overrides: Mapping[str, Any], where: str) -> dict[str, Any]:
     out = {}
     for k, v in overrides.items():
@@ -209,7 +198,7 @@ def _parse_axis(name: Any, values: Any) -> Axis:
         for i, value in enumerate(values):
             if not value:
                 raise SweepError(f"{where}[{i}]: an empty mapping; list the overrides this value applies")
-            parsed += _expand_lists(_check_overrides(_flatten(value), f"{where}[{i}]"), f"{where}[{i}]")
+            parsed += _expand_lists(_check_overrides(flatten(value), f"{where}[{i}]"), f"{where}[{i}]")
     else:
         if name in RESERVED_KEYS:
             raise SweepError(f"{where}: the sweep sets each cell's {name} (<sweep dir>/runs); remove it")
@@ -270,7 +259,7 @@ def load_sweep(path: str | Path) -> SweepSpec:
     fixed = data.get("set") or {}
     if not isinstance(fixed, Mapping):
         raise SweepError(f"set: expected a mapping of config keys to values, got {fixed!r}")
-    fixed = _check_overrides(_flatten(fixed), "set")
+    fixed = _check_overrides(flatten(fixed), "set")
     grid = data["grid"]
     if not isinstance(grid, Mapping) or not grid:
         raise SweepError(f"grid: expected a non-empty mapping of axes, got {grid!r}")
