@@ -506,3 +506,42 @@ def test_deploy_local_cli_stops_everything_on_sigterm(tmp_path):
     assert len(pids) >= 4, text  # superlink, serverapp superexec, supernode, its superexec
     assert all(_group_gone(p) for p in pids), text
     shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.mark.slow
+@needs_flower
+def test_a_supernode_killed_mid_run_does_not_stop_the_run():
+    """Three SuperNodes; the third is killed once round 1 is in: the run completes over the other
+    two, and the rounds after record the dead one as failed (federation.round_timeout_s)."""
+    import time
+
+    workdir = _workdir("kill")
+    dep = LocalDeployment(workdir, tls=False, auth=False, echo=lambda m: print(f"[deploy] {m}"))
+    try:
+        dep.start_superlink()
+        dep.start_serverapp_superexec()
+        nodes = [dep.add_supernode(i, 3) for i in range(3)]
+        dep.wait_nodes_online(nodes, timeout=120)
+        run_dir = workdir / "run"
+        run_id = dep.submit(ROOT, {"config": TINY, "method": "fedit", "num-rounds": 3,
+                                   "run-dir": str(run_dir), "node-wait-s": 30,
+                                   "overrides": "federation.num_clients=3; federation.round_timeout_s=20"})
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:  # round 1 in metrics.jsonl: kill the third node
+            metrics = run_dir / "metrics.jsonl"
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+                break
+            time.sleep(0.5)
+        for process in (nodes[2].supernode, nodes[2].superexec):
+            if process is not None:
+                os.killpg(process.pid, signal.SIGKILL)
+        info = dep.wait_run(run_id, timeout=600)
+        assert info.get("status") == FINAL_OK, info
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert [r["round"] for r in rows] == [0, 1, 2, 3]
+        assert rows[1]["accepted"] == [0, 1, 2]
+        for row in rows[2:]:
+            assert row["accepted"] == [0, 1] and list(row["failed"]) == ["2"], row
+    finally:
+        dep.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
