@@ -545,3 +545,22 @@ def test_a_supernode_killed_mid_run_does_not_stop_the_run():
     finally:
         dep.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_stop_stops_everything_even_when_its_output_pipe_is_gone():
+    """A deployment whose stdout went away (the terminal or the parent that read it closed: every print
+    raises BrokenPipeError) still stops every process it started. Once, a killed test runner left a
+    whole deployment running this way."""
+    def broken_pipe(_message: str) -> None:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    workdir = _workdir("pipe")
+    dep = LocalDeployment(workdir, tls=False, auth=False, echo=broken_pipe)
+    try:
+        started = [dep.spawn(f"sleeper-{i}", [sys.executable, "-c", "import time; time.sleep(300)"])
+                   for i in range(2)]
+        assert all(mp.alive() for mp in started)
+        dep.stop(grace=2.0)
+        assert all(_group_gone(mp.pid) for mp in started)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)

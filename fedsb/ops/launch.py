@@ -47,6 +47,7 @@ from fedsb.ops.flwr_cli import COMPLETED, FINISHED, flower_env, run_flwr, write_
 from fedsb.ops.interrupts import deferred, signal_name
 from fedsb.ops.processes import (
     free_ports,
+    never_raising,
     new_tag,
     spawn,
     stop_processes,
@@ -212,6 +213,7 @@ def _launch(config: ExperimentConfig, run_dir: Path, *, app_dir: Path | None, cp
             gpus_per_client: float, stream: bool, echo: Callable[[str], None], timeout_s: float,
             resume: bool = False) -> RunOutcome:
     """Start a private SuperLink, submit the run of run_dir/config.yaml, wait, stop everything."""
+    echo = never_raising(echo)  # the clean-up below must not stop at a message it cannot print
     app_dir = (app_dir or project_dir()).resolve()
     log_file = run_dir / "flower.log"
     start = time.monotonic()

@@ -45,6 +45,16 @@ PROC = Path("/proc")
 Echo = Callable[[str], None]
 
 
+def never_raising(echo: Echo | None) -> Echo:
+    """`echo` that drops a message it cannot write (stdout a closed pipe or terminal): stopping
+    processes must not fail halfway because the one watching the output went away."""
+    def safe(message: str) -> None:
+        if echo is not None:
+            with contextlib.suppress(OSError, ValueError):  # BrokenPipeError, EIO; a closed file
+                echo(message)
+    return safe
+
+
 class ProcessError(RuntimeError):
     """A process could not start, serve or be reached; the message points at its log."""
 
@@ -180,6 +190,7 @@ def signal_group(process: subprocess.Popen, sig: int) -> None:
 def stop_processes(procs: Sequence[ManagedProcess], grace_s: float = 8.0, echo: Echo | None = None) -> None:
     """SIGTERM every process group (last started first), wait up to `grace_s` seconds for them all,
     then SIGKILL what is left of each group, and reap everything."""
+    echo = never_raising(echo)
     for mp in reversed(procs):
         signal_group(mp.proc, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
@@ -276,6 +287,7 @@ def stop_tagged(tag: str, grace_s: float = 5.0, echo: Echo | None = None,
                 proc_root: Path = PROC) -> list[int]:
     """Stop every process carrying `tag` (see the module docstring): SIGTERM, up to `grace_s`
     seconds for them to exit, then SIGKILL until none is left. The pids that were found."""
+    echo = never_raising(echo)
     sessions: set[int] = set()
     pids = find_tagged(tag, proc_root, sessions)
     if not pids:

@@ -53,6 +53,7 @@ from fedsb.ops.processes import (
     ManagedProcess,
     ProcessError,
     free_ports,
+    never_raising,
     new_tag,
     spawn,
     stop_processes,
@@ -105,7 +106,7 @@ class LocalDeployment:
         self.home = self.workdir / "home"  # FLWR_HOME of the SuperLink and of the flwr CLI
         self.home.mkdir(exist_ok=True)
         self.tls, self.auth = tls, auth
-        self.echo: Echo = echo or (lambda _msg: None)
+        self.echo: Echo = never_raising(echo)  # stop() must not fail on a closed stdout
         self.tag = new_tag()  # in every process's environment: finds those that leave their group
         self.extra_env = dict(extra_env or {})
         self.port_range = port_range
