@@ -6,7 +6,6 @@ which partition each holds, the init-gradient exchange) and hands what comes bac
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass
 from logging import INFO
@@ -24,12 +23,12 @@ from fedsb.experiment.checkpoint import ServerCheckpoint, load_checkpoint, save_
 from fedsb.experiment.cohort import sample_clients
 from fedsb.experiment.config import ExperimentConfig
 from fedsb.experiment.export import export_adapter
-from fedsb.experiment.meter import Meter, MeterEntry
+from fedsb.experiment.meter import Meter
 from fedsb.experiment.recorder import RunRecorder
 from fedsb.experiment.report import epsilon_metrics, privacy_summary, run_label, run_setting
 from fedsb.experiment.run_config import from_run_config
 from fedsb.experiment.rundir import run_dir_for, write_config
-from fedsb.experiment.summary import MetricsRow, RunSummary
+from fedsb.experiment.summary import RunSummary
 from fedsb.experiment.worker import Worker, get_worker, quiet_libraries
 from fedsb.federation.progress import ProgressGrid
 from fedsb.federation.protocol import (
@@ -85,16 +84,15 @@ def run_server(grid: Grid, run_config: dict[str, Any]) -> ServerRun:
     log(INFO, "[%s] run directory %s", label, run_dir)
     plot_partition(run_dir, worker.data.partitions, worker.data.label_names)
     meter = Meter()
-    recorder = RunRecorder(run_dir, meter, label, log=lambda line: log(INFO, line),
-                           accuracy_name="exact match" if worker.generates else "accuracy")
-
-    resume = bool(run_config.get("resume", False))
     checkpoint: ServerCheckpoint | None = None
-    client_gradients, init_ledgers = None, {}
-    if resume:  # continue after the last completed round (fedsb.experiment.checkpoint)
+    if run_config.get("resume", False):  # continue after the last completed round
         checkpoint, state, chosen_state = load_checkpoint(run_dir)
-        meter.entries = [MeterEntry(**entry) for entry in checkpoint.meter]
-        recorder.restore([MetricsRow.from_dict(row) for row in checkpoint.rows])
+    # Resumed: the rows and the meter so far come back from metrics.jsonl and comm.csv.
+    recorder = RunRecorder(run_dir, meter, label, log=lambda line: log(INFO, line),
+                           accuracy_name="exact match" if worker.generates else "accuracy",
+                           resume_after=checkpoint.round if checkpoint else None)
+    client_gradients, init_ledgers = None, {}
+    if checkpoint is not None:
         log(INFO, "[%s] resuming after round %d of %d", label, checkpoint.round, config.federation.rounds)
     else:
         if worker.init_source == "clients":
@@ -148,8 +146,7 @@ def run_server(grid: Grid, run_config: dict[str, Any]) -> ServerRun:
             chosen.update(round=server_round, state=round_state)
         save_checkpoint(run_dir, ServerCheckpoint(
             round=server_round, state_file="", chosen_round=chosen.get("round"), chosen_file=None,
-            seen=sorted(strategy.seen), meter=[dataclasses.asdict(e) for e in meter.entries],
-            rows=[r.to_dict() for r in recorder.rows],
+            seen=sorted(strategy.seen),
             ledgers={str(k): v for k, v in (budget.ledgers if budget else {}).items()},
             client_ledgers={str(k): v for k, v in (budget.ledger_json if budget else {}).items()}),
             round_state, chosen.get("state"))

@@ -4,9 +4,11 @@ After every round the server writes, under `run_dir/checkpoint/`:
 
     state-r<N>.safetensors    the global state after round N
     chosen-r<M>.safetensors   the state of the round chosen so far on validation (M <= N)
-    server.json               round N, the clients that hold the one-time tensors, the meter's
-                              entries and the metrics rows so far, the privacy ledgers (the
-                              server's copy and each client's own, to restore it on resume)
+    server.json               round N, the clients that hold the one-time tensors, the privacy
+                              ledgers (the server's copy and each client's own, to restore it)
+
+The rounds' metrics and the meter's entries are not copied here: metrics.jsonl and comm.csv already
+hold them, written before the checkpoint, and a resume reads them back through round N.
 
 `server.json` is written last, by write-then-rename, and names the state files it goes with, so a
 crash at any moment leaves the previous checkpoint whole. What clients keep between rounds is not
@@ -20,7 +22,6 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 from safetensors.torch import load_file, save_file
 
@@ -42,8 +43,6 @@ class ServerCheckpoint:
     chosen_round: int | None
     chosen_file: str | None
     seen: list[int]  # clients that hold the one-time tensors (before the stop)
-    meter: list[dict[str, Any]]  # the meter's entries so far (fedsb.experiment.meter.MeterEntry)
-    rows: list[dict[str, Any]]  # metrics.jsonl rows so far (fedsb.experiment.summary.MetricsRow)
     ledgers: dict[str, dict[str, float]] = field(default_factory=dict)  # the server's copy, by client
     client_ledgers: dict[str, str] = field(default_factory=dict)  # each client's own ledger (JSON)
     version: int = VERSION

@@ -7,8 +7,10 @@ predict the same payload bytes, and the tests compare the two to the byte.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 DIRECTIONS = ("up", "down")
@@ -89,3 +91,11 @@ class Meter:
                       "bytes_by_component": self.by_component("bytes", direction=d),
                       "params_by_component": self.by_component("params", direction=d)}
         return out
+
+
+def read_comm_csv(path: str | Path) -> list[MeterEntry]:
+    """The entries a run's comm.csv holds (what `RunRecorder` wrote from the meter), in order."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [MeterEntry(int(r["round"]), int(r["client"]), r["phase"], r["direction"], r["component"],
+                       int(r["params"]), int(r["bytes"]), int(r["wire_bytes"])) for r in rows]

@@ -9,8 +9,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fedsb.experiment.meter import CSV_FIELDS, Meter
-from fedsb.experiment.summary import METRICS_FILE, MetricsRow, PrivacySummary, RunSummary, append_metrics
+from fedsb.experiment.meter import CSV_FIELDS, Meter, read_comm_csv
+from fedsb.experiment.summary import (
+    METRICS_FILE,
+    MetricsRow,
+    PrivacySummary,
+    RunSummary,
+    append_metrics,
+    read_metrics,
+)
 
 
 class RunRecorder:
@@ -22,7 +29,8 @@ class RunRecorder:
     """
 
     def __init__(self, run_dir: Path, meter: Meter, label: str, log: Callable[[str], None] = print,
-                 accuracy_name: str = "accuracy"):
+                 accuracy_name: str = "accuracy", resume_after: int | None = None):
+        """`resume_after`: a resumed run's last checkpointed round, whose outputs are read back."""
         self.run_dir = Path(run_dir)
         self.meter = meter
         self.label = label  # e.g. "fedsb r=16": the prefix of every log line
@@ -30,13 +38,19 @@ class RunRecorder:
         self.accuracy_name = accuracy_name  # 'exact match' for a causal LM's generated answers
         self.start = time.monotonic()
         self.rows: list[MetricsRow] = []
+        if resume_after is not None:
+            self._restore(resume_after)
+            return
+        (self.run_dir / METRICS_FILE).unlink(missing_ok=True)
         with open(self.run_dir / "comm.csv", "w", newline="") as f:
             csv.writer(f).writerow(CSV_FIELDS)
 
-    def restore(self, rows: list[MetricsRow]) -> None:
-        """Continue a resumed run: its rows so far, and metrics.jsonl and comm.csv rewritten to match
-        them and the meter (whatever a stopped run wrote after its last checkpoint is dropped)."""
-        self.rows = list(rows)
+    def _restore(self, through_round: int) -> None:
+        """Continue a resumed run from its own metrics.jsonl and comm.csv, read back through its last
+        checkpointed round into the rows and the meter, and rewritten to them (whatever a stopped
+        run wrote after that round is dropped)."""
+        self.rows = [row for row in read_metrics(self.run_dir) if row.round <= through_round]
+        self.meter.entries = [e for e in read_comm_csv(self.run_dir / "comm.csv") if e.round <= through_round]
         (self.run_dir / METRICS_FILE).write_text("")
         for row in self.rows:
             append_metrics(self.run_dir, row)
