@@ -29,12 +29,11 @@ from pathlib import Path
 
 import torch
 
-LLAMA_1B = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-                num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
-                pad_token_id=0)
-LLAMA_TINY = dict(LLAMA_1B, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2)
-RANKS = {"fedit": 16, "ffa": 16, "fedex": 16, "fedsb": 64}
+# The same TinyLlama-1.1B shape, tiny shape and ranks as the other GPU check (this folder is on sys.path
+# when a script of it runs).
+from gpu_check import LLAMA_1B, LLAMA_TINY, RANKS
+
+TINY = dict(LLAMA_TINY, vocab_size=LLAMA_1B["vocab_size"])  # room for the MiniLM tokenizer's 30,522 ids
 
 
 def write_model(directory: Path, shape: dict, tokenizer: str = "default") -> Path:
@@ -107,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     header = (f"{'method':<10} {'s/round':>8} {'GPU peak GiB':>12} {'up B/round':>12} {'down B/round':>13} "
               f"{'exact match':>11} {'epsilon':>8}")
     with tempfile.TemporaryDirectory(prefix="fedsb-gpu-") as tmp:
-        model_dir = write_model(Path(tmp) / "llama", LLAMA_TINY if args.tiny else LLAMA_1B, args.tokenizer)
+        model_dir = write_model(Path(tmp) / "llama", TINY if args.tiny else LLAMA_1B, args.tokenizer)
         print(header + "\n" + "-" * len(header), flush=True)
         methods = args.methods.split(",")
         jobs = [(m, False) for m in methods] + ([(methods[0], True)] if args.dp else [])

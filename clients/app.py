@@ -130,8 +130,10 @@ def init_gradient(message: Message, context: Context) -> Message:
     with _ledger(context, worker) as ledger:
         gradients, num_examples = worker.client_gradients(_partition_id(context), ledger)
         metrics = {NUM_EXAMPLES: num_examples, **(ledger.metrics() if ledger else {})}
-    return Message(RecordDict({INIT_RECORD: to_record(gradients), METRICS_RECORD: MetricRecord(metrics)}),
-                   reply_to=message)
+    content = RecordDict({INIT_RECORD: to_record(gradients), METRICS_RECORD: MetricRecord(metrics)})
+    if ledger is not None:  # its init charge, for the server's checkpoints (as after training)
+        content[LEDGER_RECORD] = ConfigRecord({"json": ledger.to_json()})
+    return Message(content, reply_to=message)
 
 
 @app.train()

@@ -36,6 +36,7 @@ from fedsb.federation.protocol import (
     INIT_GRADIENT_QUERY,
     INIT_RECORD,
     LEDGER_KEYS,
+    LEDGER_RECORD,
     METRICS_RECORD,
     NODE_RECORD,
     NUM_EXAMPLES,
@@ -91,12 +92,13 @@ def run_server(grid: Grid, run_config: dict[str, Any]) -> ServerRun:
     recorder = RunRecorder(run_dir, meter, label, log=lambda line: log(INFO, line),
                            accuracy_name="exact match" if worker.generates else "accuracy",
                            resume_after=checkpoint.round if checkpoint else None)
-    client_gradients, init_ledgers = None, {}
+    client_gradients, init_ledgers, init_ledger_json = None, {}, {}
     if checkpoint is not None:
         log(INFO, "[%s] resuming after round %d of %d", label, checkpoint.round, config.federation.rounds)
     else:
         if worker.init_source == "clients":
-            client_gradients, init_ledgers = gather_init_gradients(grid, config, nodes, meter)
+            client_gradients, init_ledgers, init_ledger_json = gather_init_gradients(
+                grid, config, nodes, meter)
         state = worker.initial_state(client_gradients)
     offset = checkpoint.round if checkpoint else 0
 
@@ -106,7 +108,8 @@ def run_server(grid: Grid, run_config: dict[str, Any]) -> ServerRun:
         uniform_weights=config.federation.weighting == "uniform", min_clients=config.federation.min_clients,
         max_failed_rounds=config.federation.max_failed_rounds,
         max_update_norm=config.federation.max_update_norm)
-    budget = PrivacyBudget(strategy, config.privacy.epsilon, init_ledgers) if config.privacy.enabled else None
+    budget = (PrivacyBudget(strategy, config.privacy.epsilon, init_ledgers, init_ledger_json)
+              if config.privacy.enabled else None)
     chosen: dict[str, Any] = {}  # the state of the round the recorder chooses (best validation accuracy)
     if checkpoint is not None:
         strategy.seen = set(checkpoint.seen)
@@ -145,8 +148,7 @@ def run_server(grid: Grid, run_config: dict[str, Any]) -> ServerRun:
         if best is not None and best.round == server_round:
             chosen.update(round=server_round, state=round_state)
         save_checkpoint(run_dir, ServerCheckpoint(
-            round=server_round, state_file="", chosen_round=chosen.get("round"), chosen_file=None,
-            seen=sorted(strategy.seen),
+            round=server_round, chosen_round=chosen.get("round"), seen=sorted(strategy.seen),
             ledgers={str(k): v for k, v in (budget.ledgers if budget else {}).items()},
             client_ledgers={str(k): v for k, v in (budget.ledger_json if budget else {}).items()}),
             round_state, chosen.get("state"))
@@ -232,16 +234,16 @@ def _describe(grid: Grid, node_ids: list[int], num_clients: int | None, known: d
 
 
 def gather_init_gradients(grid: Grid, config: ExperimentConfig, nodes: dict[int, int], meter: Meter
-                          ) -> tuple[list[dict], dict[int, dict[str, float]]]:
+                          ) -> tuple[list[dict], dict[int, dict[str, float]], dict[int, str]]:
     """init.source=clients: round 1's cohort uploads its local init gradients (metered as round 0).
 
-    Returns the gradients in partition order and, with DP on, each client's privacy metrics
-    (the private init is charged to its ledger)."""
+    Returns the gradients in partition order and, with DP on, each client's privacy metrics and whole
+    ledger (the private init is charged to it)."""
     cohort = sample_clients(list(nodes), min(config.clients_per_round(), len(nodes)), config.seed, 1)
     messages = [Message(RecordDict({CONFIG_RECORD: ConfigRecord({SERVER_ROUND: 0})}), dst_node_id=nodes[pid],
                         message_type=f"{MessageType.QUERY}.{INIT_GRADIENT_QUERY}") for pid in cohort]
     partition_of = {node: pid for pid, node in nodes.items()}
-    gradients, ledgers = {}, {}
+    gradients, ledgers, ledger_json = {}, {}, {}
     for reply in grid.send_and_receive(messages, timeout=QUERY_TIMEOUT_S):
         pid = partition_of[reply.metadata.src_node_id]
         if reply.has_error():
@@ -251,9 +253,10 @@ def gather_init_gradients(grid: Grid, config: ExperimentConfig, nodes: dict[int,
         if config.privacy.enabled:
             metrics = reply.content[METRICS_RECORD]
             ledgers[pid] = {k: float(metrics[k]) for k in LEDGER_KEYS if k in metrics}
+            ledger_json[pid] = str(reply.content[LEDGER_RECORD]["json"])
         log(INFO, "init gradient from client %d (%d examples)", pid,
             int(reply.content[METRICS_RECORD][NUM_EXAMPLES]))
-    return [gradients[pid] for pid in sorted(gradients)], ledgers
+    return [gradients[pid] for pid in sorted(gradients)], ledgers, ledger_json
 
 
 def _fresh_base_model(config: ExperimentConfig, worker: Worker):

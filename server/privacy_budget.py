@@ -28,11 +28,12 @@ class PrivacyBudget(Strategy):
     """Enforce each client's target epsilon around `strategy`; `ledgers` holds what the private init spent."""
 
     def __init__(self, strategy: FedsbStrategy, target_epsilon: float,
-                 ledgers: dict[int, dict[str, float]] | None = None):
+                 ledgers: dict[int, dict[str, float]] | None = None,
+                 ledger_json: dict[int, str] | None = None):
         self.strategy = strategy
         self.target_epsilon = target_epsilon
         self.ledgers = dict(ledgers or {})  # partition id -> its latest privacy metrics
-        self.ledger_json: dict[int, str] = {}  # partition id -> its whole ledger, for checkpoints
+        self.ledger_json = dict(ledger_json or {})  # partition id -> its whole ledger, for checkpoints
         self.restore: set[int] = set()  # after a resume: clients whose ledger goes back down once
 
     def resume(self, ledgers: dict[int, dict[str, float]], ledger_json: dict[int, str]) -> None:

@@ -38,8 +38,11 @@ def outputs(run_dir: Path) -> dict:
             "adapter": (run_dir / "adapter" / "adapter_model.safetensors").read_bytes()}
 
 
-@pytest.mark.parametrize("extra", [{"method": "fedsb"}, {"method": "ffa", "privacy-epsilon": 3}],
-                         ids=["fedsb", "ffa-dp"])
+@pytest.mark.parametrize("extra", [
+    {"method": "fedsb"}, {"method": "ffa", "privacy-epsilon": 3},
+    {"method": "fedsb", "privacy-epsilon": 3,  # the private init's charge must survive the stop too
+     "overrides": "federation.rounds=3; federation.clients_per_round=0.5; method.init.source=clients"},
+], ids=["fedsb", "ffa-dp", "fedsb-dp-client-init"])
 def test_a_stopped_run_resumes_to_the_uninterrupted_result(tmp_path, extra):
     overrides = "federation.rounds=3; federation.clients_per_round=0.5"
     whole = {"config": TINY, "run-dir": str(tmp_path / "whole"), "overrides": overrides, **extra}

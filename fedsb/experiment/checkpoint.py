@@ -39,13 +39,19 @@ class CheckpointError(RuntimeError):
 @dataclass
 class ServerCheckpoint:
     round: int  # rounds completed
-    state_file: str
-    chosen_round: int | None
-    chosen_file: str | None
+    chosen_round: int | None  # the round chosen on validation so far
     seen: list[int]  # clients that hold the one-time tensors (before the stop)
     ledgers: dict[str, dict[str, float]] = field(default_factory=dict)  # the server's copy, by client
     client_ledgers: dict[str, str] = field(default_factory=dict)  # each client's own ledger (JSON)
     version: int = VERSION
+
+    @property
+    def state_file(self) -> str:
+        return f"state-r{self.round}.safetensors"
+
+    @property
+    def chosen_file(self) -> str | None:
+        return None if self.chosen_round is None else f"chosen-r{self.chosen_round}.safetensors"
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -59,12 +65,9 @@ def save_checkpoint(run_dir: Path, checkpoint: ServerCheckpoint, state: State,
     """Write the round's state files, then server.json naming them, then drop older state files."""
     directory = Path(run_dir) / CHECKPOINT_DIR
     directory.mkdir(exist_ok=True)
-    checkpoint.state_file = f"state-r{checkpoint.round}.safetensors"
     _save_tensors(directory / checkpoint.state_file, state)
-    if chosen is not None and checkpoint.chosen_round is not None:
-        checkpoint.chosen_file = f"chosen-r{checkpoint.chosen_round}.safetensors"
-        if not (directory / checkpoint.chosen_file).exists():
-            _save_tensors(directory / checkpoint.chosen_file, chosen)
+    if chosen is not None and checkpoint.chosen_file and not (directory / checkpoint.chosen_file).exists():
+        _save_tensors(directory / checkpoint.chosen_file, chosen)
     _write_atomic(directory / SERVER_FILE, json.dumps(asdict(checkpoint)))
     keep = {checkpoint.state_file, checkpoint.chosen_file, SERVER_FILE}
     for path in directory.glob("*.safetensors"):
