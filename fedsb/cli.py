@@ -15,15 +15,17 @@ import math
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import fedsb.analysis.plots.cli as plots
 import fedsb.analysis.sweep.cli as sweep
-import fedsb.experiment.comm as comm
 import fedsb.ops.deploy.cli as deploy_cli
-from fedsb.core.models import TASKS, TINY_MODELS, find_target_modules
+from fedsb.core.catalog import TASKS, TINY_MODELS, shipped_configs
 from fedsb.methods import get_method, method_names
 from fedsb.ops.interrupts import exit_status, handle_interrupts, signal_name
 from fedsb.ops.launch import add_launch_arguments
+
+if TYPE_CHECKING:  # torch: imported by the commands that need it, when they run
+    import fedsb.experiment.comm as comm
 
 DEFAULT_RANK = 8
 DEFAULT_REFERENCE = "fedsb"  # `fedsb comm` takes upload ratios against this method (--reference)
@@ -42,7 +44,7 @@ class Subcommand:
 def _comm_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", default="default",
-        help=f"a shipped architecture config ({', '.join(comm.shipped_configs())}), a config JSON path, "
+        help=f"a shipped architecture config ({', '.join(shipped_configs())}), a config JSON path, "
              f"a local model directory, 'default' (packaged MiniLM) or a tiny test model "
              f"({', '.join(TINY_MODELS)}); built on the meta device, no weights (default: %(default)s)")
     parser.add_argument(
@@ -120,13 +122,18 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str) -> 
 
 
 def _params(n: int) -> str:
-    return f"{n:,} ({comm.human_count(n)})" if n >= 1000 else f"{n:,}"
+    from fedsb.experiment.comm import human_count
+
+    return f"{n:,} ({human_count(n)})" if n >= 1000 else f"{n:,}"
 
 
 def format_comm(target: comm.AccountingModel, task: str, targets: Sequence[str] | None,
                 counts: dict[str, comm.CommCounts], reference: comm.CommCounts, num_clients: int,
                 bytes_per_element: int) -> str:
     """The readable report of `fedsb comm`."""
+    import fedsb.experiment.comm as comm
+    from fedsb.core.models import find_target_modules
+
     model = target.model
     modules = find_target_modules(model, None if targets is None else tuple(targets))
     head_params = sum(math.prod(shape) for shape in comm.head_shapes(model).values())
@@ -194,6 +201,8 @@ def format_comm(target: comm.AccountingModel, task: str, targets: Sequence[str] 
 
 
 def _comm_run(args: argparse.Namespace) -> int:
+    import fedsb.experiment.comm as comm
+
     methods = parse_methods(args.method)
     ranks = parse_ranks(args.rank, [*methods, args.reference])
     targets = [t.strip() for t in args.targets.split(",") if t.strip()] if args.targets else None
@@ -303,23 +312,34 @@ SUBCOMMANDS: list[Subcommand] = [
     Subcommand("sweep", "a grid of real runs (as fedsb run) over config keys; one sweep.csv row per cell, "
                "resumable", sweep.add_arguments, sweep.run),
     Subcommand("plot", "figures (PNG, SVG) and report.md for a sweep or a run directory",
-               plots.add_arguments, plots.run),
+               lambda parser: _plots().add_arguments(parser), lambda args: _plots().run(args)),
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _plots():
+    import fedsb.analysis.plots.cli as plots  # matplotlib
+
+    return plots
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; given argv, only the command it names gets its arguments (some of them import
+    matplotlib or list model configs), so that `fedsb run` starts light."""
     parser = argparse.ArgumentParser(prog="fedsb", description="Federated fine-tuning simulator.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    named = None if argv is None else next((a for a in argv if not a.startswith("-")), None)
     for command in SUBCOMMANDS:
         p = sub.add_parser(command.name, help=command.help, description=command.help)
-        command.add_arguments(p)
+        if named is None or named == command.name:
+            command.add_arguments(p)
         p.set_defaults(_run=command.run)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `fedsb` console script; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv).parse_args(argv)
     try:
         # SIGINT and SIGTERM become an exception: every command stops what it started (its
         # `finally` blocks and context managers run) and exits with 128 + the signal number.

@@ -430,16 +430,22 @@ def test_plain_flwr_run_completes_on_flowers_default_federation(tmp_path):
     config's federation.num_clients 'auto' (as configs/default.yaml has) follows them."""
     import tempfile
 
+    from fedsb.ops.control import ControlClient
     from fedsb.ops.flwr_cli import run_flwr
-    from fedsb.ops.launch import CONNECTION, _wait, local_superlink
+    from fedsb.ops.launch import CONNECTION, local_superlink
 
     workdir = Path(tempfile.mkdtemp(prefix="fedsb-plain-"))
-    with local_superlink(workdir, tmp_path / "flower.log") as (env, _port):
+    with local_superlink(workdir, tmp_path / "flower.log") as (env, port), \
+            ControlClient(f"127.0.0.1:{port}") as control:
         run_config = (f"config='{APP_DIR / TINY}' run-dir='{tmp_path / 'run'}' "
                       "overrides='federation.num_clients=\"auto\"'")
         reply = run_flwr(["run", str(APP_DIR), CONNECTION, "--run-config", run_config], env=env, cwd=workdir)
         assert reply.get("success"), reply
-        status, details = _wait(int(reply["run-id"]), env, workdir, time.monotonic() + 600)
+        deadline = time.monotonic() + 600
+        status, details = control.run_status(int(reply["run-id"]))
+        while not status.startswith("finished:") and time.monotonic() < deadline:
+            time.sleep(1.0)
+            status, details = control.run_status(int(reply["run-id"]))
     assert status == "finished:completed", details
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["num_clients"] == 2 and summary["rounds_completed"] == 2

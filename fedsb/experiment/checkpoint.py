@@ -22,10 +22,10 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from safetensors.torch import load_file, save_file
-
-from fedsb.core.adapters import State
+if TYPE_CHECKING:  # torch only where tensors are read or written: `fedsb run --resume` checks without it
+    from fedsb.core.adapters import State
 
 CHECKPOINT_DIR = "checkpoint"
 SERVER_FILE = "server.json"
@@ -76,6 +76,8 @@ def save_checkpoint(run_dir: Path, checkpoint: ServerCheckpoint, state: State,
 
 
 def _save_tensors(path: Path, state: State) -> None:
+    from safetensors.torch import save_file
+
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
     os.replace(tmp, path)
@@ -85,8 +87,8 @@ def has_checkpoint(run_dir: str | Path) -> bool:
     return (Path(run_dir) / CHECKPOINT_DIR / SERVER_FILE).is_file()
 
 
-def load_checkpoint(run_dir: str | Path) -> tuple[ServerCheckpoint, State, State | None]:
-    """The last checkpoint of run_dir: its record, the global state, and the chosen round's state."""
+def read_checkpoint(run_dir: str | Path) -> ServerCheckpoint:
+    """The last checkpoint's record (which round, which clients; no tensors)."""
     directory = Path(run_dir) / CHECKPOINT_DIR
     if not has_checkpoint(run_dir):
         raise CheckpointError(f"{run_dir} has no checkpoint ({CHECKPOINT_DIR}/{SERVER_FILE}): "
@@ -95,6 +97,15 @@ def load_checkpoint(run_dir: str | Path) -> tuple[ServerCheckpoint, State, State
     if checkpoint.version != VERSION:
         raise CheckpointError(f"{run_dir}: checkpoint version {checkpoint.version}; "
                               f"this fedsb reads version {VERSION}")
+    return checkpoint
+
+
+def load_checkpoint(run_dir: str | Path) -> tuple[ServerCheckpoint, State, State | None]:
+    """The last checkpoint of run_dir: its record, the global state, and the chosen round's state."""
+    from safetensors.torch import load_file
+
+    directory = Path(run_dir) / CHECKPOINT_DIR
+    checkpoint = read_checkpoint(run_dir)
     state = load_file(str(directory / checkpoint.state_file))
     chosen = load_file(str(directory / checkpoint.chosen_file)) if checkpoint.chosen_file else None
     return checkpoint, state, chosen

@@ -33,6 +33,7 @@ from torch import nn
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from fedsb.core.adapters import COMPONENTS, HEAD, State, component_of, extract_state, target_specs
+from fedsb.core.catalog import shipped_configs
 from fedsb.core.models import (
     DEFAULT_MODEL,
     MODEL_CONFIG_DIR,
@@ -252,11 +253,6 @@ def _is_config_file(name: str) -> bool:
 def default_task(name: str) -> str:
     """causal_lm for architecture configs (the papers' decoder LLMs), else classification."""
     return "causal_lm" if _is_config_file(name) else "classification"
-
-
-def shipped_configs() -> list[str]:
-    """Short names of the architecture configs in fedsb/core/model_configs."""
-    return sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json"))
 
 
 def accounting_model(name: str, task: str | None = None, num_labels: int = 2) -> AccountingModel:

@@ -30,18 +30,19 @@ import argparse
 import contextlib
 import shutil
 import signal
-import subprocess
 import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TextIO
 
-from fedsb.experiment.checkpoint import has_checkpoint, load_checkpoint
+if TYPE_CHECKING:
+    from fedsb.experiment.plan import Plan
+
+from fedsb.experiment.checkpoint import has_checkpoint, read_checkpoint
 from fedsb.experiment.config import AUTO_CLIENTS, ExperimentConfig, flatten, is_file_source, load_config
-from fedsb.experiment.plan import Plan, check_plan
 from fedsb.experiment.rundir import run_dir_for, write_config
 from fedsb.ops.flwr_cli import COMPLETED, FINISHED, flower_env, run_flwr, write_connection
 from fedsb.ops.interrupts import deferred, signal_name
@@ -134,58 +135,163 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the Flower app directory (default: the fedsb project root)")
 
 
-def run_status(run_id: int, env: Mapping[str, str], cwd: Path) -> tuple[str, str]:
-    reply = run_flwr(["ls", "--run-id", str(run_id), CONNECTION], env=env, cwd=cwd)
-    if not reply.get("success", False) or not reply.get("runs"):
-        return "unknown", str(reply.get("error-message", reply))
-    run = reply["runs"][0]
-    return run.get("status", "unknown"), run.get("status-details", "")
+class LocalSimulation:
+    """A private simulation SuperLink for one run or many (a sweep's cells share one).
 
+    It starts on the first `run` (and again if it has stopped answering); `close()` (or leaving the
+    `with` block) stops it and everything it started. Runs are followed from this process through
+    the Control API (fedsb.ops.control): no `flwr ls` or `flwr log` process per run or per poll.
+    """
 
-def stream_log(run_id: int, env: Mapping[str, str], cwd: Path, log_file: Path,
-               echo: Callable[[str], None]) -> None:
-    """Follow the run's log until the run ends; every line goes to log_file, the readable ones to echo."""
-    with open(log_file, "a") as out:
-        process = subprocess.Popen(["flwr", "log", str(run_id), CONNECTION, "--stream"], env=dict(env),
-                                   cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                   stdin=subprocess.DEVNULL)
-        assert process.stdout is not None
+    def __init__(self, echo: Callable[[str], None] = print):
+        self.echo = never_raising(echo)  # the clean-up must not stop at a message it cannot print
+        self.runs = 0
+        self._stack: contextlib.ExitStack | None = None
+        self._workdir: Path | None = None
+        self._env: dict[str, str] = {}
+        self._port = 0
+        self._control = None
+
+    def __enter__(self) -> LocalSimulation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _start(self, log_file: Path) -> None:
+        from fedsb.ops.control import ControlClient
+
+        self.close()
+        stack = contextlib.ExitStack()
         try:
-            for line in process.stdout:
-                out.write(line)
-                out.flush()
-                text = line.rstrip()
-                if text.strip() and not any(noise in text for noise in NOISE):
-                    echo(text)
-        finally:  # interrupted: the `flwr log` child must not outlive this process
-            if process.poll() is None:
-                process.kill()
-            process.wait()
+            self._workdir = Path(tempfile.mkdtemp(prefix="fedsb-flower-"))
+            stack.callback(shutil.rmtree, self._workdir, ignore_errors=True)
+            superlink = local_superlink(self._workdir, log_file, echo=self.echo)
+            self._env, self._port = stack.enter_context(superlink)
+            self._control = stack.enter_context(ControlClient(f"127.0.0.1:{self._port}"))
+        except BaseException:
+            with deferred():
+                stack.close()
+            raise
+        self._stack = stack
+
+    def close(self) -> None:
+        """Stop the SuperLink and every process it started (a no-op when none runs)."""
+        if self._stack is not None:
+            stack, self._stack = self._stack, None
+            with deferred():
+                stack.close()
+
+    def run(self, config: ExperimentConfig, run_dir: Path, *, app_dir: Path | None = None,
+            cpus_per_client: int = 1, gpus_per_client: float = 0.0, stream: bool = True,
+            timeout_s: float = 6 * 3600, resume: bool = False) -> RunOutcome:
+        """Submit the run of run_dir/config.yaml, follow it to its final status, stop it if interrupted."""
+        echo = self.echo
+        app_dir = (app_dir or project_dir()).resolve()
+        log_file = run_dir / "flower.log"
+        start = time.monotonic()
+        if self._stack is None or not _healthy(self._port):
+            self._start(log_file)
+        assert self._workdir is not None and self._control is not None
+        run_id = None
+        status, details = "not started", ""
+        try:
+            run_config = f"config='{run_dir / 'config.yaml'}' run-dir='{run_dir}'"
+            if resume:
+                run_config += " resume=true"
+            reply = run_flwr(["run", str(app_dir), CONNECTION, "--federation-config",
+                              _federation(config, cpus_per_client, gpus_per_client), "--run-config",
+                              run_config], env=self._env, cwd=self._workdir)
+            if not reply.get("success"):
+                raise RuntimeError(f"flwr run refused the run: {reply.get('error-message', reply)}")
+            run_id = int(reply["run-id"])
+            self.runs += 1
+            echo(f"fedsb run: Flower run {run_id} submitted; log: {log_file}")
+            with open(log_file, "a") as log:
+                follower = self._control.follow_log(run_id, LogWriter(log, echo if stream else None))
+                try:
+                    status, details = self._wait(run_id, start + timeout_s)
+                finally:
+                    follower.stop()
+                    if not status.startswith(FINISHED):  # interrupted or timed out: stop the run first
+                        with deferred(), contextlib.suppress(Exception):
+                            run_flwr(["stop", str(run_id), CONNECTION], env=self._env, cwd=self._workdir,
+                                     timeout=30)
+        except KeyboardInterrupt as err:  # Ctrl-C, SIGTERM
+            self.close()  # every process stopped before the message says so
+            what = f"Flower run {run_id} and every process" if run_id is not None else "every process"
+            echo(f"fedsb run: interrupted ({signal_name(getattr(err, 'signum', signal.SIGINT))}): {what} it "
+                 f"started stopped; partial results in {run_dir}")
+            raise
+        outcome = RunOutcome(run_id, status, details, run_dir, time.monotonic() - start)
+        echo(f"fedsb run: Flower run {run_id} {status}{': ' + details if details and not outcome.ok else ''} "
+             f"in {outcome.elapsed_s:.0f} s; results in {run_dir}")
+        return outcome
+
+    def _wait(self, run_id: int, deadline: float) -> tuple[str, str]:
+        assert self._control is not None
+        while True:
+            try:
+                status, details = self._control.run_status(run_id)
+            except Exception as err:  # noqa: BLE001 - a SuperLink that does not answer is waited for
+                status, details = "unknown", str(err)
+            if status.startswith(FINISHED):
+                return status, details
+            if time.monotonic() > deadline:
+                return status, "timed out"
+            time.sleep(1.0)
+
+
+class LogWriter:
+    """Writes a run's streamed log to its file, and the readable lines to `echo` (None: none)."""
+
+    def __init__(self, log: TextIO, echo: Callable[[str], None] | None):
+        self.log, self.echo = log, echo
+        self._partial = ""
+
+    def __call__(self, text: str) -> None:
+        self.log.write(text)
+        self.log.flush()
+        if self.echo is None:
+            return
+        lines = (self._partial + text).split("\n")
+        self._partial = lines.pop()
+        for line in lines:
+            line = line.rstrip()
+            if line.strip() and not any(noise in line for noise in NOISE):
+                self.echo(line)
 
 
 def run_simulation(config_path: str | Path | None, overrides: Mapping[str, Any] | None = None, *,
                    app_dir: Path | None = None, cpus_per_client: int = 1, gpus_per_client: float = 0.0,
                    stream: bool = True, resume: str | Path | None = None,
-                   echo: Callable[[str], None] = print, timeout_s: float = 6 * 3600) -> RunOutcome:
+                   echo: Callable[[str], None] = print, timeout_s: float = 6 * 3600,
+                   simulation: LocalSimulation | None = None) -> RunOutcome:
     """Validate, launch `flwr run` on a private SuperLink, wait for the final status, clean up.
 
     `resume`: a stopped run's directory, continued from its last checkpoint; a config or overrides
-    given beside it must resolve to the run's own config (the first key that differs is refused)."""
+    given beside it must resolve to the run's own config (the first key that differs is refused).
+    `simulation`: a SuperLink shared with other runs (a sweep's), left running; by default this
+    run starts its own and stops it."""
+    launch = dict(app_dir=app_dir, cpus_per_client=cpus_per_client, gpus_per_client=gpus_per_client,
+                  stream=stream, timeout_s=timeout_s)
+    if simulation is None:
+        with LocalSimulation(echo) as own:
+            return run_simulation(config_path, overrides, resume=resume, echo=echo, simulation=own, **launch)
     if resume is not None:
-        return _resume(Path(resume), config_path, overrides, app_dir=app_dir, cpus_per_client=cpus_per_client,
-                       gpus_per_client=gpus_per_client, stream=stream, echo=echo, timeout_s=timeout_s)
-    # Every check first (config, resources, data, model, output directory): nothing started yet.
-    config, _plan = prepare_run(config_path, overrides, cpus_per_client, gpus_per_client)
+        return _resume(Path(resume), config_path, overrides, simulation, echo, **launch)
+    # Every check first (config, resources, data, model, output directory), in a child process that
+    # ends before the run starts (this one never imports torch): nothing started yet.
+    config = prepare_run_isolated(config_path, overrides, cpus_per_client, gpus_per_client)
     run_dir = run_dir_for(config)
     write_config(run_dir, config.to_dict())
     echo(f"fedsb run: {config.method.name}, rank {config.method.rank}, {config.federation.num_clients} "
          f"clients, {config.federation.rounds} rounds -> {run_dir}")
-    return _launch(config, run_dir, app_dir=app_dir, cpus_per_client=cpus_per_client,
-                   gpus_per_client=gpus_per_client, stream=stream, echo=echo, timeout_s=timeout_s)
+    return simulation.run(config, run_dir, **launch)
 
 
-def _resume(run_dir: Path, config_path: str | Path | None, overrides: Mapping[str, Any] | None, **launch: Any
-            ) -> RunOutcome:
+def _resume(run_dir: Path, config_path: str | Path | None, overrides: Mapping[str, Any] | None,
+            simulation: LocalSimulation, echo: Callable[[str], None], **launch: Any) -> RunOutcome:
     """`fedsb run --resume RUN_DIR`: the run's own config, checked against any given, from its checkpoint."""
     run_dir = run_dir.expanduser().resolve()
     if not (run_dir / "config.yaml").is_file():
@@ -199,59 +305,14 @@ def _resume(run_dir: Path, config_path: str | Path | None, overrides: Mapping[st
                 raise ValueError(f"--resume {run_dir}: {key} is {given.get(key)!r} here but "
                                  f"{value!r} in the run; resume with the run's own config")
     if (run_dir / "summary.json").is_file():
-        launch["echo"](f"fedsb run: {run_dir} has finished (summary.json); nothing to resume")
+        echo(f"fedsb run: {run_dir} has finished (summary.json); nothing to resume")
         return RunOutcome(None, COMPLETED, "already finished", run_dir, 0.0)
     if not has_checkpoint(run_dir):
         raise ValueError(f"--resume {run_dir}: no checkpoint (the run stopped before its first round ended); "
                          "start it again")
-    launch["echo"](f"fedsb run: resuming {run_dir} after round {load_checkpoint(run_dir)[0].round} "
-                   f"of {config.federation.rounds}")
-    return _launch(config, run_dir, resume=True, **launch)
-
-
-def _launch(config: ExperimentConfig, run_dir: Path, *, app_dir: Path | None, cpus_per_client: int,
-            gpus_per_client: float, stream: bool, echo: Callable[[str], None], timeout_s: float,
-            resume: bool = False) -> RunOutcome:
-    """Start a private SuperLink, submit the run of run_dir/config.yaml, wait, stop everything."""
-    echo = never_raising(echo)  # the clean-up below must not stop at a message it cannot print
-    app_dir = (app_dir or project_dir()).resolve()
-    log_file = run_dir / "flower.log"
-    start = time.monotonic()
-    workdir = Path(tempfile.mkdtemp(prefix="fedsb-flower-"))
-    run_id = None
-    status, details = "not started", ""
-    try:
-        with local_superlink(workdir, log_file, echo=echo) as (env, _port):
-            run_config = f"config='{run_dir / 'config.yaml'}' run-dir='{run_dir}'"
-            if resume:
-                run_config += " resume=true"
-            reply = run_flwr(["run", str(app_dir), CONNECTION, "--federation-config",
-                              _federation(config, cpus_per_client, gpus_per_client), "--run-config",
-                              run_config],
-                             env=env, cwd=workdir)
-            if not reply.get("success"):
-                raise RuntimeError(f"flwr run refused the run: {reply.get('error-message', reply)}")
-            run_id = int(reply["run-id"])
-            echo(f"fedsb run: Flower run {run_id} submitted; log: {log_file}")
-            try:
-                if stream:
-                    stream_log(run_id, env, workdir, log_file, echo)
-                status, details = _wait(run_id, env, workdir, start + timeout_s)
-            finally:
-                if not status.startswith(FINISHED):  # interrupted or timed out: stop the run first
-                    with deferred(), contextlib.suppress(Exception):
-                        run_flwr(["stop", str(run_id), CONNECTION], env=env, cwd=workdir, timeout=30)
-    except KeyboardInterrupt as err:  # Ctrl-C, SIGTERM: every process is stopped by now
-        what = f"Flower run {run_id} and every process" if run_id is not None else "every process"
-        echo(f"fedsb run: interrupted ({signal_name(getattr(err, 'signum', signal.SIGINT))}): {what} it "
-             f"started stopped; partial results in {run_dir}")
-        raise
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-    outcome = RunOutcome(run_id, status, details, run_dir, time.monotonic() - start)
-    echo(f"fedsb run: Flower run {run_id} {status}{': ' + details if details and not outcome.ok else ''} "
-         f"in {outcome.elapsed_s:.0f} s; results in {run_dir}")
-    return outcome
+    echo(f"fedsb run: resuming {run_dir} after round {read_checkpoint(run_dir).round} "
+         f"of {config.federation.rounds}")
+    return simulation.run(config, run_dir, resume=True, **launch)
 
 
 def prepare_run(config_path: str | Path | None, overrides: Mapping[str, Any] | None = None,
@@ -261,6 +322,8 @@ def prepare_run(config_path: str | Path | None, overrides: Mapping[str, Any] | N
     Raises a ValueError of one line on a bad config, resources this machine lacks, or an input
     the run could not use (`check_plan`); starts nothing and writes nothing.
     """
+    from fedsb.experiment.plan import check_plan  # torch, transformers, datasets
+
     config = load_config(config_path, None if overrides is None else dict(overrides))
     config = config.with_clients(AUTO_CLIENTS)  # 'auto': as many as the SuperNodes fedsb run starts
     check_resources(cpus_per_client, gpus_per_client)
@@ -272,6 +335,26 @@ def prepare_run(config_path: str | Path | None, overrides: Mapping[str, Any] | N
         if value and is_file_source(value):
             setattr(config.data, key, str(Path(value).expanduser().resolve()))
     return config, check_plan(config)
+
+
+def prepare_run_isolated(config_path: str | Path | None, overrides: Mapping[str, Any] | None = None,
+                         cpus_per_client: int = 1, gpus_per_client: float = 0.0) -> ExperimentConfig:
+    """`prepare_run`'s config, checked in a child process that exits when it is done: the launcher
+    itself never imports torch, transformers or datasets, so it holds tens of MB while the run goes
+    on, not 450 MB. Its errors are raised here as they would be in this process."""
+    import multiprocessing
+    import sys
+    from concurrent.futures import ProcessPoolExecutor
+
+    if "torch" in sys.modules:  # loaded already (a test, a notebook): a child would save nothing
+        return _checked_config(config_path, overrides, cpus_per_client, gpus_per_client)
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
+        return child.submit(_checked_config, config_path, None if overrides is None else dict(overrides),
+                            cpus_per_client, gpus_per_client).result()
+
+
+def _checked_config(*args: Any) -> ExperimentConfig:
+    return prepare_run(*args)[0]  # the plan's objects would bring torch back with them
 
 
 def check_resources(cpus_per_client: int, gpus_per_client: float) -> None:
@@ -298,13 +381,3 @@ def _federation(config: ExperimentConfig, cpus_per_client: int, gpus_per_client:
     if gpus_per_client > 0:
         federation += f" client-resources-num-gpus={gpus_per_client:g}"
     return federation
-
-
-def _wait(run_id: int, env: Mapping[str, str], cwd: Path, deadline: float) -> tuple[str, str]:
-    while True:
-        status, details = run_status(run_id, env, cwd)
-        if status.startswith(FINISHED):
-            return status, details
-        if time.monotonic() > deadline:
-            return status, "timed out"
-        time.sleep(1.0)

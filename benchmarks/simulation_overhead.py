@@ -1,0 +1,195 @@
+"""What the Flower simulation costs over the same federated work done by a bare loop.
+
+    python benchmarks/simulation_overhead.py [--config configs/default.yaml] [--set KEY=VALUE ...]
+    python benchmarks/simulation_overhead.py --scale 1000 --scale 10000
+
+Compare mode (the default) runs one config twice, one after the other, on a machine that should be
+otherwise quiet (the load average is printed):
+- **flower**: `fedsb run CONFIG` (SuperLink, SuperExec, `flwr-simulation`, Ray client actors), as a
+  user runs it;
+- **bare**: the same rounds in one process, `fedsb.federation.inprocess.run_in_process` with the
+  ClientApp calls in a pool of as many worker processes as Ray starts client actors (cores //
+  `--cpus-per-client`), each with `--cpus-per-client` torch threads: the same ServerApp and
+  ClientApp code, clients, cohorts, steps and seed, without Flower's runtime.
+It checks that both did the same work (every round's metrics and every metered byte equal) and
+prints, for each, the wall time, the machine's CPU time, the time to the end of round 0 (the
+initial evaluation) and the peak memory: the summed PSS of every process on the machine above
+its value before the command (PSS shares pages such as torch's libraries among the processes
+mapping them; summed RSS beside it), sampled every 0.5 s (`benchmarks/machine_probe.py`).
+
+Scale mode (`--scale N`, repeatable) runs `fedsb run` with N clients, 10 per round, 2 rounds and
+20 examples per client, and prints the start-up time before round 1, the time per round and the
+peak memory, with the processes that held the most memory at the peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine_probe import MachineProbe, Usage, machine_line  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+VOLATILE = ("wall_s",)  # per-row keys that are timings, not results
+
+
+class RoundClock:
+    """Watches a run directory's metrics.jsonl: when each round's row appeared (seconds from start)."""
+
+    def __init__(self, run_parent: Path):
+        self.run_parent = run_parent
+        self.times: list[float] = []
+        self._stop = threading.Event()
+
+    def __enter__(self) -> RoundClock:
+        self._t0 = time.monotonic()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.25):
+            files = list(self.run_parent.glob("**/metrics.jsonl"))
+            rows = sum(1 for _ in files[0].open()) if files else 0
+            while len(self.times) < rows:
+                self.times.append(time.monotonic() - self._t0)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def run_flower(config: str, overrides: list[str], cpus_per_client: int, out: Path
+               ) -> tuple[Usage, Path, list]:
+    command = ["fedsb", "run", config, "--quiet", "--cpus-per-client", str(cpus_per_client),
+               "--set", f"output_dir={out}", *[a for o in overrides for a in ("--set", o)]]
+    return _measure(command, out)
+
+
+def run_bare(config: str, overrides: list[str], cpus_per_client: int, workers: int, out: Path
+             ) -> tuple[Usage, Path, list]:
+    command = [sys.executable, __file__, "--bare-run", config, "--cpus-per-client", str(cpus_per_client),
+               "--workers", str(workers), "--out", str(out), *[a for o in overrides for a in ("--set", o)]]
+    return _measure(command, out)
+
+
+def _measure(command: list[str], out: Path) -> tuple[Usage, Path, list]:
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "benchmark.log"
+    with RoundClock(out) as clock, MachineProbe() as usage, log.open("w") as sink:
+        done = subprocess.run(command, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT,
+                              stdin=subprocess.DEVNULL)
+    if done.returncode != 0:
+        raise SystemExit(f"`{' '.join(command)}` failed (exit {done.returncode}); its output: {log}")
+    run_dir = next(out.glob("**/summary.json")).parent
+    return usage, run_dir, clock.times
+
+
+def bare_run(config: str, overrides: list[str], cpus_per_client: int, workers: int, out: Path) -> None:
+    """The bare loop (in the child process the benchmark measures)."""
+    from fedsb.experiment.config import parse_override
+    from fedsb.experiment.rundir import run_dir_for, write_config
+    from fedsb.federation.inprocess import run_in_process
+    from fedsb.ops.launch import prepare_run
+
+    given = {**dict(parse_override(o) for o in overrides), "output_dir": str(out)}
+    resolved, _ = prepare_run(config, given, cpus_per_client)
+    run_dir = run_dir_for(resolved)
+    write_config(run_dir, resolved.to_dict())
+    run_in_process({"config": str(run_dir / "config.yaml"), "run-dir": str(run_dir)},
+                   client_threads=cpus_per_client, client_processes=workers)
+
+
+def same_work(flower_dir: Path, bare_dir: Path) -> str:
+    """'identical' when every round's metrics (timings aside) and every metered byte are equal."""
+    def rows(run_dir: Path) -> list[dict]:
+        return [{k: v for k, v in json.loads(line).items() if k not in VOLATILE}
+                for line in (run_dir / "metrics.jsonl").open()]
+
+    if rows(flower_dir) != rows(bare_dir):
+        return "DIFFERENT metrics"
+    if (flower_dir / "comm.csv").read_text() != (bare_dir / "comm.csv").read_text():
+        return "DIFFERENT bytes"
+    return "identical metrics and bytes"
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def _top(usage: Usage, count: int = 8) -> str:
+    rows = usage.peak_processes[:count]
+    return "\n".join(f"    {pss / 1e6:7.0f} MB  {command}" for _pid, pss, command in rows)
+
+
+def compare(args: argparse.Namespace, work: Path) -> None:
+    workers = max(1, (__import__("os").cpu_count() or 1) // args.cpus_per_client)
+    print(f"machine: {machine_line()}")
+    print(f"config: {args.config} {' '.join(args.set)}; {workers} client processes x {args.cpus_per_client} "
+          "thread(s)", flush=True)
+    results = {}
+    for name, run in (("flower", run_flower), ("bare", run_bare)):
+        extra = (workers,) if name == "bare" else ()
+        usage, run_dir, times = run(args.config, args.set, args.cpus_per_client, *extra, work / name)
+        results[name] = (usage, run_dir, times)
+        print(f"{name:>6}: wall {usage.wall_s:6.1f} s, CPU {usage.cpu_s:6.1f} s, round 0 done at "
+              f"{times[0] if times else float('nan'):5.1f} s, peak PSS {_gb(usage.peak_pss)} "
+              f"(RSS {_gb(usage.peak_rss)})", flush=True)
+        if args.processes:
+            print(_top(usage))
+    flower, bare = results["flower"][0], results["bare"][0]
+    print(f" ratio: wall {flower.wall_s / bare.wall_s:.2f}x, CPU {flower.cpu_s / bare.cpu_s:.2f}x, "
+          f"peak PSS {flower.peak_pss / bare.peak_pss:.2f}x")
+    print(f"  same work: {same_work(results['flower'][1], results['bare'][1])}")
+
+
+def scale(args: argparse.Namespace, work: Path) -> None:
+    print(f"machine: {machine_line()}")
+    for clients in args.scale:
+        overrides = [f"federation.num_clients={clients}", "federation.clients_per_round=10",
+                     "federation.rounds=2", f"data.num_examples={20 * clients}", *args.set]
+        out = work / f"scale-{clients}"
+        usage, _run_dir, times = run_flower(args.config, overrides, args.cpus_per_client, out)
+        rounds = [f"{b - a:.1f}" for a, b in zip(times, times[1:], strict=False)]
+        print(f"{clients:>6} clients: start-up to round 1 {times[0]:.1f} s, rounds {', '.join(rounds)} s, "
+              f"wall {usage.wall_s:.1f} s, peak PSS {_gb(usage.peak_pss)} (RSS {_gb(usage.peak_rss)})",
+              flush=True)
+        if args.processes:
+            print(_top(usage))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/default.yaml")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    parser.add_argument("--cpus-per-client", type=int, default=1)
+    parser.add_argument("--scale", type=int, action="append", default=[], metavar="N",
+                        help="scale mode: a run with N clients (repeatable)")
+    parser.add_argument("--processes", action="store_true", help="print the largest processes at the peak")
+    parser.add_argument("--keep", type=Path, default=None, help="keep the run directories here")
+    parser.add_argument("--bare-run", metavar="CONFIG", help=argparse.SUPPRESS)  # the measured child
+    parser.add_argument("--workers", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.bare_run:
+        bare_run(args.bare_run, args.set, args.cpus_per_client, args.workers, args.out)
+        return 0
+    work = args.keep or Path(tempfile.mkdtemp(prefix="fedsb-overhead-"))
+    try:
+        (scale if args.scale else compare)(args, work)
+    finally:
+        if args.keep is None:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
