@@ -61,8 +61,10 @@ def _worker(context: Context) -> Worker:
     if threads:
         torch.set_num_threads(int(threads))
     config = _config(tuple(sorted(context.run_config.items())))
-    # num_clients 'auto': the federation's size, which each SuperNode knows as its num-partitions
-    return get_worker(config.with_clients(int(context.node_config.get(NUM_PARTITIONS, 0)) or 1))
+    # num_clients 'auto': the federation's size, which each SuperNode knows as its num-partitions.
+    # The run directory (named by fedsb run) may hold the server's prepared partition tokens.
+    return get_worker(config.with_clients(int(context.node_config.get(NUM_PARTITIONS, 0)) or 1),
+                      run_dir=str(context.run_config.get("run-dir", "")) or None)
 
 
 @functools.lru_cache(maxsize=4)

@@ -24,6 +24,7 @@ from fedsb.experiment.cohort import sample_clients
 from fedsb.experiment.config import ExperimentConfig
 from fedsb.experiment.export import export_adapter
 from fedsb.experiment.meter import Meter
+from fedsb.experiment.prepared import has_prepared, write_prepared
 from fedsb.experiment.recorder import RunRecorder
 from fedsb.experiment.report import epsilon_metrics, privacy_summary, run_label, run_setting
 from fedsb.experiment.run_config import from_run_config
@@ -84,6 +85,9 @@ def run_server(grid: Grid, run_config: dict[str, Any]) -> ServerRun:
     label = run_label(config, worker)
     log(INFO, "[%s] run directory %s", label, run_dir)
     plot_partition(run_dir, worker.data.partitions, worker.data.label_names)
+    if not has_prepared(run_dir, worker.config):  # the clients' tokens, for the processes of this machine
+        write_prepared(run_dir, worker.config, worker.data.label_names,
+                       [worker.client_tokens(pid) for pid in range(len(worker.data.partitions))])
     meter = Meter()
     checkpoint: ServerCheckpoint | None = None
     if run_config.get("resume", False):  # continue after the last completed round

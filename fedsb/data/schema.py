@@ -10,8 +10,10 @@ shared by the other modules of `fedsb.data`.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from datasets import ClassLabel, Dataset, Features, Value
+if TYPE_CHECKING:  # imported where datasets are built: a client serving prepared tokens never loads it
+    from datasets import Dataset
 
 TEXT = "text"
 TEXT_PAIR = "text_pair"  # the second text of a sentence-pair task (config data.text_pair_column)
@@ -26,6 +28,8 @@ def make_dataset(texts: list[str], labels: list[int], label_names: Sequence[str]
                  text_pairs: list[str] | None = None) -> Dataset:
     """A (text, label) dataset with `label` a ClassLabel of `label_names`; with `text_pairs`, a
     (text, text_pair, label) dataset."""
+    from datasets import ClassLabel, Dataset, Features, Value
+
     columns: dict[str, list] = {TEXT: texts}
     types: dict[str, Value | ClassLabel] = {TEXT: Value("string")}
     if text_pairs is not None:

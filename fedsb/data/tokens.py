@@ -16,11 +16,13 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from datasets import Dataset
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 from fedsb.data.schema import LABEL, TEXT, DataError, check_columns, column
 from fedsb.data.templates import check_template, format_prompt

@@ -4,6 +4,11 @@ A `Worker` is created once per process and config: it holds the frozen base mode
 method's adapters, the tokenizer, and the experiment's data. A virtual client costs only its
 adapter state: `train_client` loads that state into the shared model, trains, and returns
 the upload. The Flower apps in `server/` and `clients/` translate messages and call these.
+
+A client process given the run's prepared partitions (`fedsb.experiment.prepared`, written by
+the server) reads only the tokens of the partitions it serves: it never loads the dataset, the
+tokenizer, or the libraries that build them (datasets, flwr-datasets, pandas, scipy,
+matplotlib), which are imported here only where they are used.
 """
 
 from __future__ import annotations
@@ -11,27 +16,31 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import sys
 from functools import cached_property
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from datasets import Dataset
 
 from fedsb.core.adapters import COMPONENTS, HEAD, State, extract_state, load_state
 from fedsb.core.init import accumulate_gradients
 from fedsb.core.models import find_target_modules, load_model, load_tokenizer, resolve_device, resolve_dtype
-from fedsb.data.instructions import INPUT, RESPONSE
 from fedsb.data.schema import TEXT_PAIR, column
 from fedsb.data.tokens import iterate_batches, tokenize, tokenize_instructions, tokenize_prompts
 from fedsb.experiment.cohort import hash_seed
 from fedsb.experiment.config import AUTO_CLIENTS, ExperimentConfig
-from fedsb.experiment.task import load_task_data
+from fedsb.experiment.prepared import PreparedPartitions, read_prepared
 from fedsb.methods import build_method
 from fedsb.methods.base import FederatedMethod
 from fedsb.training.generation import generation_accuracy
 from fedsb.training.local import TrainResult, evaluate, to_device, train_local
 
 if TYPE_CHECKING:
+    from datasets import Dataset
+
+    from fedsb.experiment.task import TaskData
     from fedsb.training.privacy.accounting import PrivacyLedger
 
 logger = logging.getLogger(__name__)
@@ -39,13 +48,14 @@ logger = logging.getLogger(__name__)
 class Worker:
     """One base model with adapters, one tokenizer, one copy of the data: per process."""
 
-    def __init__(self, config: ExperimentConfig):
+    def __init__(self, config: ExperimentConfig, prepared: PreparedPartitions | None = None):
         # num_clients 'auto' is resolved by the apps from the federation; used directly, as fedsb run does
         config = config.with_clients(AUTO_CLIENTS)
         self.config = config
-        self.data = load_task_data(config)
+        self.prepared = prepared
+        self.label_names = prepared.label_names if prepared is not None else self.data.label_names
         m = config.model
-        num_labels = len(self.data.label_names)
+        num_labels = len(self.label_names)
         # The base model is placed on its device once; only adapter-sized tensors move per client.
         self.device = resolve_device(m.device)
         self.model = load_model(m.name, task=m.task, num_labels=num_labels, seed=config.seed,
@@ -53,13 +63,23 @@ class Worker:
         if config.train.gradient_checkpointing:
             # Non-reentrant: gradients reach the adapters although every base weight is frozen.
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.tokenizer = load_tokenizer(m.name)
         targets = find_target_modules(self.model, m.target_modules)
         self.method: FederatedMethod = build_method(
             config.method.name, self.model, targets, config.method.rank, config.lora_alpha)
         # The model is shared by every client and run of this process: remember the head's
         # initial weights so each run starts from them, not from the last state loaded.
         self.initial_head = extract_state(self.model, (HEAD,))
+
+    @cached_property
+    def data(self) -> TaskData:
+        """The experiment's data, loaded, split and partitioned (on first use)."""
+        from fedsb.experiment.task import load_task_data
+
+        return load_task_data(self.config)
+
+    @cached_property
+    def tokenizer(self):
+        return load_tokenizer(self.config.model.name)
 
     @property
     def generates(self) -> bool:
@@ -68,6 +88,8 @@ class Worker:
 
     def tokens(self, dataset: Dataset) -> dict[str, torch.Tensor]:
         """Training (and teacher-forced loss) tensors: class labels, or response-only token labels."""
+        from fedsb.data.instructions import INPUT
+
         d, length = self.config.data, self.config.model.max_length
         if self.generates:
             return tokenize_instructions(dataset, self.tokenizer, length, template=d.template,
@@ -77,6 +99,8 @@ class Worker:
 
     def prompt_tokens(self, dataset: Dataset) -> dict[str, torch.Tensor]:
         """The prompts alone, left-padded, for generation."""
+        from fedsb.data.instructions import INPUT
+
         d = self.config.data
         return tokenize_prompts(dataset, self.tokenizer, self.config.model.max_length, template=d.template,
                                 input_column=INPUT if d.input_column else None)
@@ -91,6 +115,8 @@ class Worker:
 
     # -- client side -----------------------------------------------------------------------
     def client_tokens(self, partition_id: int) -> dict[str, torch.Tensor]:
+        if self.prepared is not None:
+            return self.prepared.tokens(partition_id)
         return self.tokens(self.data.partitions[partition_id])
 
     def aggregation_weight(self, partition_id: int) -> int:
@@ -99,6 +125,8 @@ class Worker:
         also keeps the client's dataset size to itself)."""
         if self.config.federation.weighting == "uniform":
             return 1
+        if self.prepared is not None:
+            return self.prepared.size(partition_id)
         return len(self.data.partitions[partition_id])
 
     def train_client(self, partition_id: int, state: State, server_round: int,
@@ -168,7 +196,7 @@ class Worker:
 
     def evaluate_client(self, partition_id: int, state: State) -> dict[str, float]:
         load_state(self.model, state)
-        return evaluate(self.model, iterate_batches(self.tokens(self.data.partitions[partition_id]),
+        return evaluate(self.model, iterate_batches(self.client_tokens(partition_id),
                                                     self.config.eval.batch_size, shuffle=False))
 
     # -- server side -----------------------------------------------------------------------
@@ -210,6 +238,8 @@ class Worker:
             return metrics
         # A causal LM: `accuracy` is the exact match of its generated answers (the number a run reports
         # and chooses on); the teacher-forced loss, its perplexity and the next-token accuracy beside it.
+        from fedsb.data.instructions import RESPONSE
+
         dataset = self.data.validation if split == "validation" else self.data.test
         e = self.config.eval
         generated = generation_accuracy(self.model, self.tokenizer, self.prompt_tokens(dataset),
@@ -222,20 +252,27 @@ class Worker:
 
 def quiet_libraries() -> None:
     """No per-call progress bars or load reports from datasets/transformers in a run's log."""
-    from datasets.utils.logging import disable_progress_bar
     from transformers.utils import logging as transformers_logging
 
-    disable_progress_bar()
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # datasets reads it when imported
+    if "datasets" in sys.modules:
+        from datasets.utils.logging import disable_progress_bar
+
+        disable_progress_bar()
     transformers_logging.set_verbosity_error()
 
 
 _WORKERS: dict[str, Worker] = {}
 
 
-def get_worker(config: ExperimentConfig) -> Worker:
-    """The process's Worker for this config (created on first use, then reused)."""
+def get_worker(config: ExperimentConfig, run_dir: str | Path | None = None) -> Worker:
+    """The process's Worker for this config (created on first use, then reused).
+
+    A client process passes the run directory: if the server prepared the partitions' tokens
+    there (fedsb.experiment.prepared), its Worker serves them without loading the data. (A Worker
+    that has them still loads the data if asked for more, e.g. in a one-process run.)"""
     cache_key = json.dumps(config.to_dict(), sort_keys=True)
     if cache_key not in _WORKERS:
         _WORKERS.clear()  # one base model per process
-        _WORKERS[cache_key] = Worker(config)
+        _WORKERS[cache_key] = Worker(config, read_prepared(run_dir, config.with_clients(AUTO_CLIENTS)))
     return _WORKERS[cache_key]

@@ -1,0 +1,104 @@
+"""Every client's tokenised partition, prepared once by the server for the client processes.
+
+Without it each client process (a Ray actor, one per core) loads the whole dataset, partitions
+it for every client, loads the tokenizer and tokenises its clients' partitions: the same work as
+the server, and the libraries that do it (datasets, pyarrow, pandas, flwr-datasets, scipy,
+matplotlib: about 180 MB a process). With it, the server, which has done that work anyway,
+writes `<run dir>/prepared/tokens.pt`: the partitions' token tensors, concatenated (one tensor
+per field, rows in partition order) with each partition's offset, and the label names. A client
+process memory-maps the file and serves a partition as a slice of it, so the pages are shared
+by every process on the machine and each reads only the rows of the partitions it serves.
+
+The tensors are exactly what `Worker.client_tokens` computes from the data (the server computes
+them that way), so a run is the same with or without the file. It is used only where it is
+found: in the run directory that the run config names (`fedsb run` always names one) and written
+for the same config (a hash of it is stored beside the tensors). A SuperNode of a multi-node
+deployment, which has its own data and no shared run directory, loads its data itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from fedsb.experiment.config import ExperimentConfig
+
+PREPARED_FILE = Path("prepared") / "tokens.pt"
+VERSION = 1
+
+
+def config_key(config: ExperimentConfig) -> str:
+    """What the prepared tokens depend on: the whole resolved config (a run's own)."""
+    text = json.dumps([VERSION, config.to_dict()], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class PreparedPartitions:
+    """The clients' token tensors of one run, memory-mapped (`read_prepared`)."""
+
+    def __init__(self, content: dict[str, Any]):
+        self.label_names: list[str] = list(content["label_names"])
+        self._fields: dict[str, torch.Tensor] = content["fields"]
+        self._offsets: list[int] = list(content["offsets"])
+
+    @property
+    def num_partitions(self) -> int:
+        return len(self._offsets) - 1
+
+    def size(self, partition_id: int) -> int:
+        return self._offsets[partition_id + 1] - self._offsets[partition_id]
+
+    def tokens(self, partition_id: int) -> dict[str, torch.Tensor]:
+        """The partition's tensors: views of the mapped file (read-only, as tokenised data is)."""
+        if not 0 <= partition_id < self.num_partitions:
+            raise IndexError(f"partition {partition_id} of {self.num_partitions}")
+        start, end = self._offsets[partition_id], self._offsets[partition_id + 1]
+        return {name: values[start:end] for name, values in self._fields.items()}
+
+
+def write_prepared(run_dir: Path, config: ExperimentConfig, label_names: list[str],
+                   partition_tokens: list[dict[str, torch.Tensor]]) -> Path | None:
+    """Write the run's prepared tokens (atomically); None, writing nothing, when the partitions'
+    tensors do not stack (their widths differ), in which case clients load their data themselves."""
+    names = list(partition_tokens[0])
+    if any(list(tokens) != names for tokens in partition_tokens):
+        return None
+    fields = {}
+    for name in names:
+        parts = [tokens[name] for tokens in partition_tokens]
+        if any(p.shape[1:] != parts[0].shape[1:] or p.dtype != parts[0].dtype for p in parts):
+            return None
+        fields[name] = torch.cat(parts).contiguous()
+    offsets = [0]
+    for tokens in partition_tokens:
+        offsets.append(offsets[-1] + len(tokens[names[0]]))
+    path = Path(run_dir) / PREPARED_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    torch.save({"key": config_key(config), "label_names": list(label_names), "fields": fields,
+                "offsets": offsets}, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def read_prepared(run_dir: str | Path | None, config: ExperimentConfig) -> PreparedPartitions | None:
+    """The run's prepared tokens if run_dir has them for this config, else None."""
+    if not run_dir:
+        return None
+    path = Path(run_dir) / PREPARED_FILE
+    if not path.is_file():
+        return None
+    content = torch.load(path, mmap=True, weights_only=True)
+    if content.get("key") != config_key(config):
+        return None
+    return PreparedPartitions(content)
+
+
+def has_prepared(run_dir: str | Path, config: ExperimentConfig) -> bool:
+    return read_prepared(run_dir, config) is not None
