@@ -104,8 +104,8 @@ def bare_run(config: str, overrides: list[str], cpus_per_client: int, workers: i
     resolved, _ = prepare_run(config, given, cpus_per_client)
     run_dir = run_dir_for(resolved)
     write_config(run_dir, resolved.to_dict())
-    run_in_process({"config": str(run_dir / "config.yaml"), "run-dir": str(run_dir)},
-                   client_threads=cpus_per_client, client_processes=workers)
+    run_config = {"config": str(run_dir / "config.yaml"), "run-dir": str(run_dir), "assign-partitions": True}
+    run_in_process(run_config, client_threads=cpus_per_client, client_processes=workers)
 
 
 def same_work(flower_dir: Path, bare_dir: Path) -> str:

@@ -22,6 +22,7 @@ from flwr.clientapp import ClientApp
 
 from fedsb.core.adapters import State
 from fedsb.experiment.config import ExperimentConfig
+from fedsb.experiment.prepared import assigned_partition
 from fedsb.experiment.run_config import from_run_config
 from fedsb.experiment.worker import Worker, get_worker, quiet_libraries
 from fedsb.federation.protocol import (
@@ -74,6 +75,10 @@ def _config(run_config: tuple) -> ExperimentConfig:
 
 
 def _partition_id(context: Context) -> int:
+    """The node's partition: its --node-config's, or in a simulation launched with
+    assign-partitions, the one the server assigned to it (fedsb.experiment.prepared)."""
+    if context.run_config.get("assign-partitions"):
+        return assigned_partition(str(context.run_config["run-dir"]), context.node_id)
     if PARTITION_ID not in context.node_config:
         raise RuntimeError("this SuperNode has no partition-id: start it with "
                            "--node-config \"partition-id=I num-partitions=N\"")

@@ -24,7 +24,7 @@ from fedsb.experiment.cohort import sample_clients
 from fedsb.experiment.config import ExperimentConfig
 from fedsb.experiment.export import export_adapter
 from fedsb.experiment.meter import Meter
-from fedsb.experiment.prepared import has_prepared, write_prepared
+from fedsb.experiment.prepared import has_prepared, write_assignment, write_prepared
 from fedsb.experiment.recorder import RunRecorder
 from fedsb.experiment.report import epsilon_metrics, privacy_summary, run_label, run_setting
 from fedsb.experiment.run_config import from_run_config
@@ -77,10 +77,14 @@ def run_server(grid: Grid, run_config: dict[str, Any]) -> ServerRun:
     """The whole run: config, run directory, clients, init, rounds, outputs."""
     config = from_run_config(run_config, APP_DIR)  # a bad config stops here, before any training
     expected = None if config.federation.num_clients == "auto" else config.federation.num_clients
-    nodes = discover_clients(grid, expected, float(run_config.get("node-wait-s", 60)))
+    wait_s = float(run_config.get("node-wait-s", 60))
+    assign = bool(run_config.get("assign-partitions", False)) and expected is not None
+    nodes = assign_partitions(grid, expected, wait_s) if assign else discover_clients(grid, expected, wait_s)
     config = config.with_clients(len(nodes))  # 'auto': as many clients as SuperNodes
     run_dir = run_dir_for(config, str(run_config.get("run-dir", "")))
     write_config(run_dir, config.to_dict())
+    if assign:
+        write_assignment(run_dir, nodes)
     worker = get_worker(config)
     label = run_label(config, worker)
     log(INFO, "[%s] run directory %s", label, run_dir)
@@ -193,7 +197,8 @@ def discover_clients(grid: Grid, num_clients: int | None, wait_s: float) -> dict
     cohorts and aggregation order are defined over partition ids. Nodes are asked as soon as
     they connect, so a wrong federation size fails at once, not after the wait.
     """
-    deadline = time.monotonic() + wait_s
+    start = time.monotonic()
+    deadline = start + wait_s
     nodes: dict[int, int] = {}
     while True:
         new = sorted(set(grid.get_node_ids()) - set(nodes.values()))
@@ -209,7 +214,24 @@ def discover_clients(grid: Grid, num_clients: int | None, wait_s: float) -> dict
     if num_clients and len(nodes) < num_clients:
         log(INFO, "%d of %d clients connected; going on with partitions %s", len(nodes), num_clients,
             sorted(nodes))
+    log(INFO, "%d clients found in %.1f s", len(nodes), time.monotonic() - start)
     return dict(sorted(nodes.items()))
+
+
+def assign_partitions(grid: Grid, num_clients: int, wait_s: float) -> dict[int, int]:
+    """A simulation: partition id -> node id, assigned here (fedsb.experiment.prepared explains why)
+    once the federation's num_clients nodes are registered; no message to any node."""
+    start = time.monotonic()
+    node_ids = sorted(grid.get_node_ids())
+    while len(node_ids) < num_clients and time.monotonic() < start + wait_s:
+        time.sleep(0.5)
+        node_ids = sorted(grid.get_node_ids())
+    if len(node_ids) != num_clients:
+        raise RuntimeError(f"federation.num_clients is {num_clients} but the simulation has {len(node_ids)} "
+                           f"SuperNodes after {wait_s:.0f} s")
+    log(INFO, "%d partitions assigned to the simulation's nodes in %.1f s", num_clients,
+        time.monotonic() - start)
+    return dict(enumerate(node_ids))
 
 
 def _describe(grid: Grid, node_ids: list[int], num_clients: int | None, known: dict[int, int]

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from fedsb.experiment.config import ExperimentConfig
 
 PREPARED_FILE = Path("prepared") / "tokens.pt"
+ASSIGNMENT_FILE = Path("prepared") / "nodes.json"  # a simulation's node id -> partition id
 VERSION = 1
 
 
@@ -102,3 +103,40 @@ def read_prepared(run_dir: str | Path | None, config: ExperimentConfig) -> Prepa
 
 def has_prepared(run_dir: str | Path, config: ExperimentConfig) -> bool:
     return read_prepared(run_dir, config) is not None
+
+
+# -- a simulation's partitions, assigned by the server ------------------------------------------
+# In a simulation every virtual client's data is generated the same everywhere, so which node
+# serves which partition is the simulator's choice (Flower's own is node i <-> partition i, at
+# random node ids). The server assigns them (`fedsb run` asks for it with the run config's
+# `assign-partitions`) instead of asking each node, which costs a message per node (25 s for
+# 1000 nodes); the simulated clients, which share the run directory, read the assignment here.
+
+def write_assignment(run_dir: Path, nodes: dict[int, int]) -> Path:
+    """Write partition id -> node id (atomically) for the run's client processes."""
+    path = Path(run_dir) / ASSIGNMENT_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({str(node): pid for pid, node in nodes.items()}))
+    os.replace(tmp, path)
+    return path
+
+
+_assignments: dict[tuple[str, int], dict[int, int]] = {}
+
+
+def assigned_partition(run_dir: str | Path, node_id: int) -> int:
+    """The partition the server assigned to node_id (read once per version of the file)."""
+    path = Path(run_dir) / ASSIGNMENT_FILE
+    try:
+        key = (str(path), path.stat().st_mtime_ns)
+    except FileNotFoundError:
+        raise RuntimeError(f"assign-partitions is set but {path} does not exist: the server assigns "
+                           "partitions before it sends the clients anything") from None
+    if key not in _assignments:
+        _assignments.clear()
+        _assignments[key] = {int(node): pid for node, pid in json.loads(path.read_text()).items()}
+    assignment = _assignments[key]
+    if node_id not in assignment:
+        raise RuntimeError(f"node {node_id} has no partition in {path}")
+    return assignment[node_id]

@@ -41,11 +41,11 @@ class InProcessGrid:
                  client_processes: int | None = None):
         _set_task_identity()
         rng = random.Random(seed)
+        node_ids = [rng.randrange(1, 2**62) for _ in range(num_nodes)]
         self.contexts = {
-            rng.randrange(1, 2**62): Context(
-                run_id=1, node_id=0, state=RecordDict(), run_config=dict(run_config),
-                node_config={"partition-id": i, "num-partitions": num_nodes})
-            for i in range(num_nodes)
+            node: Context(run_id=1, node_id=node, state=RecordDict(), run_config=dict(run_config),
+                          node_config={"partition-id": i, "num-partitions": num_nodes})
+            for i, node in enumerate(node_ids)
         }
         self.tamper = tamper
         # Flower's simulation gives each virtual client `client-resources-num-cpus` threads; the same

@@ -196,7 +196,8 @@ class LocalSimulation:
         run_id = None
         status, details = "not started", ""
         try:
-            run_config = f"config='{run_dir / 'config.yaml'}' run-dir='{run_dir}'"
+            # A simulation: the server assigns the partitions to the nodes (no message per node).
+            run_config = f"config='{run_dir / 'config.yaml'}' run-dir='{run_dir}' assign-partitions=true"
             if resume:
                 run_config += " resume=true"
             reply = run_flwr(["run", str(app_dir), CONNECTION, "--federation-config",
