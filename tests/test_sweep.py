@@ -591,17 +591,28 @@ def test_numbers_in_sweep_files_read_as_numbers(tmp_path):
 # --- a real sweep -----------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_a_tiny_real_sweep_writes_every_row_and_figure_and_reruns_nothing(tmp_path):
+def test_a_tiny_real_sweep_writes_every_row_and_figure_and_reruns_nothing(tmp_path, monkeypatch):
     """2 x 2 cells of the tiny config, 1 round; fedsb with DP is refused at config validation (the
-    pooled init sees all clients' data), so 3 real Flower runs."""
+    pooled init sees all clients' data), so 3 real Flower runs, through one SuperLink. A cell's run
+    is the same run as its config run alone (its own SuperLink): same metrics, same bytes."""
+    import fedsb.ops.launch as launch
     from fedsb.analysis.plots.cli import plot_dir
 
+    started = []
+
+    def counted(*args, **kwargs):  # the real SuperLink, counted
+        started.append(args)
+        return real_superlink(*args, **kwargs)
+
+    real_superlink = launch.local_superlink
+    monkeypatch.setattr(launch, "local_superlink", counted)
     out = tmp_path / "sweep"
     path = write_sweep(tmp_path / "tiny-sweep.yaml", {
         "method.name": ["fedsb", "ffa"],
         "privacy": [{"privacy.enabled": False}, {"privacy.enabled": True, "privacy.epsilon": 8}],
     }, fixed={"federation.rounds": 1, "method.init.source": "pooled"}, output_dir=out)
     result = run_sweep(path, echo=print)
+    assert len(started) == 1  # one SuperLink for the three runs
 
     rows = read_csv(out / "sweep.csv")
     assert len(rows) == 4
@@ -637,6 +648,18 @@ def test_a_tiny_real_sweep_writes_every_row_and_figure_and_reruns_nothing(tmp_pa
     assert len([line for line in privacy_axes.lines if line.get_gid() == "reference"]) == 2
     report = output.report.read_text()
     assert "## Failed cells" in report and "allow_pooled_init" in report
+
+    # The private ffa cell again, alone: `fedsb run` of its config, on a SuperLink of its own.
+    alone = launch.run_simulation(out / private["run_dir"] / "config.yaml",
+                                  {"output_dir": str(tmp_path / "alone")}, echo=print)
+    assert alone.ok and len(started) == 2
+
+    def rows_of(run_dir):
+        return [{k: v for k, v in json.loads(line).items() if k != "wall_s"}
+                for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+    assert rows_of(alone.run_dir) == rows_of(out / private["run_dir"])
+    assert (alone.run_dir / "comm.csv").read_text() == (out / private["run_dir"] / "comm.csv").read_text()
 
 
 def test_tune_seeds_chooses_on_those_seeds_and_reports_every_seed_of_the_choice(tmp_path):

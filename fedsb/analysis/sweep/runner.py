@@ -1,22 +1,25 @@
 """Running a sweep: every cell not yet completed, one real run each, one sweep.csv row as each ends.
 
-Every cell is one real run through `fedsb.ops.launch.run_simulation` (the path of `fedsb run`), with
-its runs under <sweep dir>/runs. As soon as a cell ends, one row is appended to <sweep dir>/sweep.csv
-(fedsb.analysis.sweep.table). Running the sweep again skips the cells whose latest row is completed
-and retries the others; a failed cell (a bad value stops at config validation; a Flower run can
-fail) is recorded and the sweep goes on. A cell whose run is interrupted (Ctrl-C, SIGTERM: the run
-and its processes are stopped first, fedsb.ops.launch) is recorded as `interrupted` and the sweep
+Every cell is one real run through `fedsb.ops.launch.run_simulation` (the path of `fedsb run`), with its
+runs under <sweep dir>/runs; the cells share one SuperLink (`LocalSimulation`), started by the first
+cell that runs and stopped when the sweep ends (each cell is its own Flower run, with its own simulation
+process and Ray session, as Flower starts one per run). As soon as a cell ends, one row is appended to
+<sweep dir>/sweep.csv (fedsb.analysis.sweep.table). Running the sweep again skips the cells whose latest
+row is completed and retries the others; a failed cell (a bad value stops at config validation; a Flower
+run can fail) is recorded and the sweep goes on. A cell whose run is interrupted (Ctrl-C, SIGTERM: the
+run and its processes are stopped first, fedsb.ops.launch) is recorded as `interrupted` and the sweep
 stops there, re-raising the interrupt (`fedsb sweep` exits with 128 + the signal number); the next
 `fedsb sweep` reruns it, as any cell not completed. With `tune`, tuned.csv is written at the end
 (fedsb.analysis.sweep.tuning).
 
-Progress over the whole sweep is a tqdm bar (cells done, elapsed, time left) on `progress`; each
-cell also gets its own lines through `echo` (what runs, and how it ended: status, accuracy, run dir).
-"""
+Progress over the whole sweep is a tqdm bar (cells done, elapsed, time left) on `progress`; each cell
+also gets its own lines through `echo` (what runs, and how it ended: status, accuracy, run dir)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import signal
 import time
 from collections.abc import Callable
@@ -90,8 +93,19 @@ def run_sweep(path: str | Path, *, runner: Runner | None = None, stream: bool = 
     """
     spec = load_sweep(path)
     record_pin(spec)
-    if runner is None:
-        from fedsb.ops.launch import run_simulation as runner  # loads torch: only when cells run
+    with contextlib.ExitStack() as stack:
+        if runner is None:  # every cell through one SuperLink (started by the first cell that runs)
+            from fedsb.ops.launch import LocalSimulation, run_simulation
+
+            simulation = stack.enter_context(LocalSimulation(echo))
+            runner = functools.partial(run_simulation, simulation=simulation)
+        return _run_cells(spec, path, runner, stream=stream, cpus_per_client=cpus_per_client,
+                          gpus_per_client=gpus_per_client, app_dir=app_dir, echo=echo, progress=progress)
+
+
+def _run_cells(spec: SweepSpec, path: str | Path, runner: Runner, *, stream: bool, cpus_per_client: int,
+               gpus_per_client: float, app_dir: Path | None, echo: Callable[[str], None],
+               progress: TextIO | None) -> SweepResult:
     csv_path = spec.output_dir / SWEEP_CSV
     latest = latest_rows(read_rows(csv_path)[1])
     cells = spec.cells()
