@@ -37,6 +37,7 @@ from fedsb.core.init_choices import INITS, get_init
 from fedsb.core.models import find_target_modules, load_model
 from fedsb.experiment.comm import closed_form, count, head_shapes
 from fedsb.experiment.config import ConfigError, load_config
+from fedsb.experiment.summary import read_metrics
 from fedsb.federation.inprocess import run_in_process
 from fedsb.methods import build_method, get_method
 from fedsb.training.local import train_local
@@ -410,7 +411,6 @@ def test_the_peft_export_reproduces_the_final_evaluation(runs, label):
     from transformers import AutoModelForSequenceClassification
 
     from fedsb.data.tokens import iterate_batches
-    from fedsb.experiment.summary import read_metrics
     from fedsb.experiment.worker import get_worker
     from fedsb.training.local import evaluate
 
@@ -510,6 +510,21 @@ def test_lora_ga_is_charged_and_checked_like_lora_sb_under_dp():
     with pytest.raises(ConfigError, match="method.init.source"):
         load_config(TINY, {**pooled, "method.init.name": "lora_ga"})
     assert privacy_status(load_config(TINY, {**pooled, "method.init.name": "olora"})) == "private"
+
+
+@pytest.mark.parametrize(("method", "init"), [("ffa", "lora_ga"), ("fedex", "pissa")])
+def test_private_runs_with_an_init_charge_what_they_release(tmp_path, method, init):
+    """DP-SGD through the base offset; LoRA-GA's init gradient from the clients is privatised and charged
+    to each ledger at round 0 (as LoRA-SB's), PiSSA's costs nothing."""
+    overrides = f"method.init.name={init}; method.init.source=clients"
+    _, run = run_in_process({"config": TINY, "run-dir": str(tmp_path), "method": method,
+                             "privacy-epsilon": 3.0, "overrides": overrides}, 4)
+    rows = [row.to_dict() for row in read_metrics(tmp_path)]
+    spent_at_init = rows[0]["epsilon_max_all"]
+    assert (spent_at_init > 0) == (init == "lora_ga")
+    assert 0 < rows[-1]["epsilon_max_all"] <= 3.0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["privacy"]["status"] == "private" and summary["init"] == init
 
 
 def test_lora_ga_needs_twice_the_rank_in_every_module():
