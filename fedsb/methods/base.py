@@ -114,7 +114,7 @@ class FederatedMethod:
 
     @property
     def sent_once(self) -> tuple[str, ...]:
-        """The fixed components the server sends a client once (in the `init` record). None when every
+        """The fixed components the server sends a client once (in the `init` record): nothing when every
         client computes them itself from the pretrained weights (a local init: OLoRA, PiSSA); an offset
         factor is not sent when it is a copy of a one-time component (FFA-LoRA's A0 is its frozen A)."""
         if self.init.local:
