@@ -351,12 +351,10 @@ def test_fedsb_comm_names_the_init_and_shows_no_init_bytes_for_a_local_init(caps
 
 # --- through the real ServerApp and ClientApp: the meter and the export ------------------------------
 
-RUNS = {  # (method, init, init.source): each kind of init under a LoRA-based method
-    "ffa-pissa": ("ffa", "pissa", "server"),
-    "fedex-olora": ("fedex", "olora", "server"),
-    "fedit-lora_ga": ("fedit", "lora_ga", "clients"),
-    "ffa-lora_ga": ("ffa", "lora_ga", "clients"),
-}
+# (method, init, init.source): every init with a base offset under every LoRA-based method (kaiming's
+# runs are tests/test_flower_app.py's); LoRA-GA's gradient from the clients, and once from the server.
+RUNS = {f"{method}-{init}": (method, init, "server" if (method, init) == ("fedex", "lora_ga") else "clients")
+        for method in LORA_METHODS for init in OFFSET_INITS}
 
 
 @pytest.fixture(scope="module")
@@ -396,8 +394,8 @@ def test_meter_equals_the_closed_form_for_each_init(runs, label):
     if method.init.local:
         assert counts.init_bytes("down") == 0 and meter.total(round=0) == 0
         assert all(e.component != "init" for e in meter.entries)  # the init sent nothing
-    else:
-        assert counts.init_bytes("up") > 0 and counts.init_bytes("down") > 0
+    else:  # LoRA-GA: B0 and A0 down once; the gradient up only from the clients
+        assert counts.init_bytes("down") > 0 and (counts.init_bytes("up") > 0) == gradients_up
     summary = json.loads((run.run_dir / "summary.json").read_text())
     assert summary["init"] == method.init.name
     assert summary["init_source"] == (RUNS[label][2] if method.init_gradients else None)
