@@ -90,7 +90,7 @@ def _local_state(message: Message, context: Context, worker: Worker) -> State:
     if INIT_RECORD in message.content.array_records:
         context.state[ONE_TIME_STATE] = message.content[INIT_RECORD]
     state = to_state(message.content[ADAPTER_RECORD])
-    if worker.method.one_time:
+    if worker.method.sent_once:
         if ONE_TIME_STATE not in context.state.array_records:
             raise RuntimeError("the one-time tensors (init) are missing: they are sent with a client's first "
                                "training round")

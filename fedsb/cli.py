@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import fedsb.analysis.sweep.cli as sweep
 import fedsb.ops.deploy.cli as deploy_cli
 from fedsb.core.catalog import TASKS, TINY_MODELS, shipped_configs
+from fedsb.core.init_choices import get_init, init_names
 from fedsb.methods import get_method, method_names
 from fedsb.ops.interrupts import exit_status, handle_interrupts, signal_name
 from fedsb.ops.launch import add_launch_arguments
@@ -65,9 +66,14 @@ def _comm_arguments(parser: argparse.ArgumentParser) -> None:
                              "causal_lm for architecture configs, classification otherwise")
     parser.add_argument("--num-labels", type=int, default=2,
                         help="classes of the classification head (default: %(default)s)")
+    parser.add_argument("--init", choices=init_names(), metavar="NAME",
+                        help=f"the adapter init of every method that accepts it ({', '.join(init_names())}); "
+                             "the others keep their default, e.g. Fed-SB its lora_sb (default: each "
+                             "method's own: kaiming, lora_sb)")
     parser.add_argument("--init-source", choices=("server", "clients", "pooled"), default="server",
-                        help="where the LoRA-SB init gradient comes from; 'clients' adds each client's "
-                             "dense gradient upload as one-time 'init' (default: %(default)s)")
+                        help="where a gradient-based init's gradient (lora_sb, lora_ga) comes from; "
+                             "'clients' adds each client's dense gradient upload as one-time 'init' "
+                             "(default: %(default)s)")
     parser.add_argument("--reference", default=DEFAULT_REFERENCE, choices=method_names(),
                         help="the method that upload and download ratios are taken against "
                              "(default: %(default)s)")
@@ -151,14 +157,19 @@ def format_comm(target: comm.AccountingModel, task: str, targets: Sequence[str] 
     rows = []
     for name, c in counts.items():
         for d in comm.DIRECTIONS:
-            first = d == "up"  # method and rank once per method
-            rows.append([name if first else "", str(c.rank) if first else "", d,
+            first = d == "up"  # method, rank and init once per method
+            rows.append([name if first else "", str(c.rank) if first else "", c.init if first else "", d,
                          _params(c.params(d)), comm.human_bytes(c.bytes(d)),
                          _params(c.params(d, all_clients=True)),
                          comm.human_bytes(c.bytes(d, all_clients=True)),
                          _params(c.init_params(d)), comm.human_bytes(c.init_bytes(d))])
-    out.append(_table(["method", "rank", "dir", "per client params", "bytes", f"all K={num_clients} params",
-                       "bytes", "one-time init per client", "bytes"], rows, "lrlrrrrrr"))
+    out.append(_table(["method", "rank", "init", "dir", "per client params", "bytes",
+                       f"all K={num_clients} params", "bytes", "one-time init per client", "bytes"], rows,
+                      "lrllrrrrrr"))
+    local = sorted({c.init for c in counts.values() if get_init(c.init).local})
+    if local:
+        out.append(f"{', '.join(local)}: computed by every client from the pretrained weights it holds, "
+                   "so the init sends nothing (no bytes, no privacy cost).")
 
     out += ["", "Per component, per client per round (params; init = once, first round only)"]
     present = {p for c in counts.values() for d in comm.DIRECTIONS for p in c.components(d, first_time=True)}
@@ -179,7 +190,7 @@ def format_comm(target: comm.AccountingModel, task: str, targets: Sequence[str] 
                       rows, "lrrr"))
 
     for name, c in counts.items():  # a residual method: what its download would be, sent factored
-        method = comm.method_for_model(model, name, c.rank, targets)
+        method = comm.method_for_model(model, name, c.rank, targets, init=c.init)
         if not method.residual:
             continue
         factored = comm.factored_residual_params(method, num_clients)
@@ -212,10 +223,10 @@ def _comm_run(args: argparse.Namespace) -> int:
     task = args.task or comm.default_task(args.model)
     init_gradients = args.init_source == "clients"
     counts = comm.count_methods(target.model, methods, ranks, targets, args.clients, args.bytes_per_element,
-                                init_gradients)
-    reference = counts.get(args.reference) or comm.count(
-        target.model, args.reference, ranks[args.reference], targets, args.clients,
-        args.bytes_per_element, init_gradients)
+                                init_gradients, args.init)
+    reference = counts.get(args.reference) or comm.count_methods(
+        target.model, [args.reference], ranks, targets, args.clients, args.bytes_per_element,
+        init_gradients, args.init)[args.reference]
     if args.json:
         report = {"model": args.model, "task": task, "counts": {m: c.to_dict() for m, c in counts.items()}}
         print(json.dumps(report, indent=2))

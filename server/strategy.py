@@ -2,7 +2,8 @@
 
 Flower's `Strategy.start` drives the rounds; this strategy only fills its four hooks:
 - configure_train: a seeded cohort; each client gets `method.download(state, first_time)`,
-  the one-time tensors (LoRA-SB's B and A, FFA's A) in a separate `init` record;
+  the tensors sent once (`method.sent_once`: LoRA-SB's B and A, FFA's A, LoRA-GA's B0 and A0) in
+  a separate `init` record;
 - aggregate_train: every reply is metered, validated (`method.validate_upload`) and either
   rejected with a reason or aggregated with `method.aggregate`; rejected replies never
   touch the global state;
@@ -125,7 +126,7 @@ class FedsbStrategy(FedAvg):
         return messages
 
     def _content(self, download: State, server_round: int) -> RecordDict:
-        once = {k: v for k, v in download.items() if component_of(k) in self.method.one_time}
+        once = {k: v for k, v in download.items() if component_of(k) in self.method.sent_once}
         every_round = {k: v for k, v in download.items() if k not in once}
         content = RecordDict({ADAPTER_RECORD: to_record(every_round),
                               CONFIG_RECORD: ConfigRecord({SERVER_ROUND: server_round})})

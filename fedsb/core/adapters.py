@@ -3,16 +3,25 @@
 An adapter wraps one frozen linear layer (nn.Linear, or transformers' Conv1D which stores
 its weight as (in, out)) with weight W0 (out x in, m x n):
 
-    LoRA     y = W0 x + s * B (A x)          [+ residual x, FedEx-LoRA]
+    LoRA     y = W0 x + s * B (A x)          [+ residual x, FedEx-LoRA]  [- s * B0 (A0 x)]
     LoRA-SB  y = W0 x + s * B (R (A x))
+
+The last term is the base offset of an init that takes its initial product out of the frozen
+weight (PiSSA, OLoRA, LoRA-GA: W_res = W0 - s B0 A0, so the model is unchanged at step 0). It is
+kept here, as two frozen float32 factors beside the adapter, rather than subtracted from the stored
+W0: the one base model of a process stays the pretrained one for everything that reads it (the
+init gradient at W0, another run, the export, which PEFT loads onto the original weights), and
+a bfloat16 base does not round W_res. At step 0 (B = B0, A = A0) the two products are the same
+operations on the same tensors, so s (B A x - B0 A0 x) is exactly zero.
 
 A, R and B are bias-free nn.Linear layers (A: n -> r, R: r -> r, B: r -> m), so Opacus
 computes their per-sample gradients with its built-in Linear rule.
 
 Adapter *state* is a flat dict of tensors. Keys are "<module>.<component>" for adapter
 tensors (component in COMPONENTS; lora_* hold nn.Linear weights, i.e. A is r x n, B is m x r,
-R is r x r) and the parameter name for task-head tensors (component "head"). The FedEx-LoRA
-residual is kept in the base weight's own layout: out x in, or in x out for Conv1D.
+R is r x r; the offset's lora_A0 and lora_B0 are shaped as A and B) and the parameter name for
+task-head tensors (component "head"). The FedEx-LoRA residual is kept in the base weight's own
+layout: out x in, or in x out for Conv1D.
 """
 
 from __future__ import annotations
@@ -28,7 +37,11 @@ from fedsb.core.models import find_head_modules, weight_shape
 
 State = dict[str, torch.Tensor]
 
-COMPONENTS = ("lora_A", "lora_B", "lora_R", "residual")
+COMPONENTS = ("lora_A", "lora_B", "lora_R", "residual", "lora_A0", "lora_B0")
+# The base offset's factors, and the adapter component each one starts equal to (B0 = B at step 0).
+OFFSET_COMPONENTS = ("lora_A0", "lora_B0")
+INITIAL_VALUE_OF = {"lora_A0": "lora_A", "lora_B0": "lora_B"}
+BUFFERS = ("residual", *OFFSET_COMPONENTS)  # frozen tensors of a layer (the others are nn.Linear weights)
 HEAD = "head"
 ADAPTER_KINDS = ("lora", "lora_sb")
 ADAPTER_DTYPE = torch.float32  # adapters, residuals and everything sent on the wire
@@ -67,9 +80,11 @@ def key(module: str, component: str) -> str:
 
 
 class AdapterLayer(nn.Module):
-    """A frozen linear layer plus a LoRA or LoRA-SB adapter (and optionally a dense residual)."""
+    """A frozen linear layer plus a LoRA or LoRA-SB adapter (optionally a dense residual, and the
+    base offset s B0 A0 of an init that takes its product out of the frozen weight)."""
 
-    def __init__(self, base: nn.Module, rank: int, scale: float, kind: str, residual: bool = False):
+    def __init__(self, base: nn.Module, rank: int, scale: float, kind: str, residual: bool = False,
+                 offset: bool = False):
         super().__init__()
         if kind not in ADAPTER_KINDS:
             raise ValueError(f"unknown adapter kind {kind!r}; accepted: {', '.join(ADAPTER_KINDS)}")
@@ -94,6 +109,11 @@ class AdapterLayer(nn.Module):
             self.register_buffer("residual", torch.zeros(base.weight.shape, dtype=dtype, device=device))
         else:
             self.residual = None
+        if offset:
+            self.register_buffer("lora_A0", torch.zeros(rank, in_features, dtype=dtype, device=device))
+            self.register_buffer("lora_B0", torch.zeros(out_features, rank, dtype=dtype, device=device))
+        else:
+            self.lora_A0 = self.lora_B0 = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
@@ -101,18 +121,23 @@ class AdapterLayer(nn.Module):
         low_rank = self.lora_A(x32)
         if self.lora_R is not None:
             low_rank = self.lora_R(low_rank)
-        out = out + (self.scale * self.lora_B(low_rank)).to(out.dtype)
+        adapter = self.lora_B(low_rank)
+        if self.lora_A0 is not None:  # the same operations as lora_B(lora_A(x)): zero at step 0
+            adapter = adapter - F.linear(F.linear(x32, self.lora_A0), self.lora_B0)
+        out = out + (self.scale * adapter).to(out.dtype)
         if self.residual is not None:
             out = out + (x32 @ self.residual if self.conv1d else F.linear(x32, self.residual)).to(out.dtype)
         return out
 
     def delta_weight(self) -> torch.Tensor:
         """The adapter's contribution to the effective weight, out x in."""
-        return delta_weight(
-            {c: getattr(self, c).weight if c != "residual" else self.residual
-             for c in COMPONENTS if getattr(self, c) is not None},
-            self.scale, self.conv1d,
-        )
+        return delta_weight({c: self.component(c) for c in COMPONENTS if getattr(self, c) is not None},
+                            self.scale, self.conv1d)
+
+    def component(self, name: str) -> torch.Tensor:
+        """One component's tensor: an nn.Linear weight (A, B, R) or a buffer (residual, B0, A0)."""
+        part = getattr(self, name)
+        return part if name in BUFFERS else part.weight
 
     def base_weight(self) -> torch.Tensor:
         """The frozen base weight, out x in, in float32."""
@@ -121,11 +146,15 @@ class AdapterLayer(nn.Module):
 
 
 def delta_weight(components: dict[str, torch.Tensor], scale: float, conv1d: bool) -> torch.Tensor:
-    """s * B A (LoRA) or s * B R A (LoRA-SB), plus the residual if present; out x in."""
+    """s * B A (LoRA) or s * B R A (LoRA-SB), minus the base offset s * B0 A0 and plus the residual
+    if present; out x in."""
     middle = components["lora_B"]
     if "lora_R" in components:
         middle = middle @ components["lora_R"]
-    delta = scale * (middle @ components["lora_A"])
+    product = middle @ components["lora_A"]
+    if "lora_A0" in components:
+        product = product - components["lora_B0"] @ components["lora_A0"]
+    delta = scale * product
     residual = components.get("residual")
     if residual is not None:
         delta = delta + (residual.T if conv1d else residual)
@@ -133,7 +162,8 @@ def delta_weight(components: dict[str, torch.Tensor], scale: float, conv1d: bool
 
 
 def inject_adapters(
-    model: nn.Module, targets: list[str], rank: int, alpha: float, kind: str, residual: bool = False
+    model: nn.Module, targets: list[str], rank: int, alpha: float, kind: str, residual: bool = False,
+    offset: bool = False,
 ) -> dict[str, ModuleSpec]:
     """Wrap each target module in an AdapterLayer (in place); returns their specs.
 
@@ -146,7 +176,7 @@ def inject_adapters(
         base = getattr(parent, child)
         if isinstance(base, AdapterLayer):
             raise ValueError(f"module {name} already has an adapter")
-        setattr(parent, child, AdapterLayer(base, rank, alpha / rank, kind, residual))
+        setattr(parent, child, AdapterLayer(base, rank, alpha / rank, kind, residual, offset))
     return target_specs(model, targets)
 
 
@@ -159,9 +189,8 @@ def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     for name, layer in adapter_layers(model).items():
         for component in COMPONENTS:
-            part = getattr(layer, component)
-            if part is not None:
-                tensors[key(name, component)] = part if component == "residual" else part.weight
+            if getattr(layer, component) is not None:
+                tensors[key(name, component)] = layer.component(component)
     for head in find_head_modules(model):
         for pname, param in model.get_submodule(head).named_parameters():
             tensors[f"{head}.{pname}"] = param
@@ -199,6 +228,12 @@ def set_trainable(model: nn.Module, components: tuple[str, ...]) -> list[torch.n
             tensor.requires_grad_(True)
             trainable.append(tensor)
     return trainable
+
+
+def base_weights(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    """The pretrained W0 of each adapted module, out x in, float32 (what OLoRA and PiSSA factor)."""
+    layers = adapter_layers(model)
+    return {name: layers[name].base_weight().detach() for name in names}
 
 
 def effective_weights(model: nn.Module) -> dict[str, torch.Tensor]:

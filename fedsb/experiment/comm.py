@@ -8,13 +8,15 @@ closed form too, and the figures are the ones the communication meter (docs/arch
 should measure on the wire: parameter count x bytes per element.
 
 Components (the meter's names): `lora_A`, `lora_B`, `lora_R`, `residual`, `head`, and `init`,
-the one-time tensors (`method.one_time`) a client downloads the first time it is sampled,
-plus, when the LoRA-SB init gradient comes from the clients (docs/architecture.md section 3), the dense
-gradient a client uploads once.
+the tensors a client downloads once, the first time it is sampled (`method.sent_once`: FFA-LoRA's
+and Fed-SB's frozen factors, LoRA-GA's base offset B0 and A0; nothing for OLoRA and PiSSA, which each
+client computes from the pretrained weights), plus, when a gradient-based init's gradient comes from
+the clients (docs/architecture.md section 3), the dense gradient a client uploads once.
 
 Typical use, one client, comparing with a meter::
 
     counts = count(model, "fedsb", rank=200, num_clients=25)
+    count(model, "ffa", rank=8, init="lora_ga", init_gradients=True)   # + each client's gradient upload
     counts.components("up")                      # {'lora_R': ..., 'head': ...}, every round
     counts.components("down", first_time=True)   # adds {'init': ...} for a client's first round
     counts.bytes("up"), counts.bytes("up", all_clients=True)
@@ -32,7 +34,15 @@ import torch
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
-from fedsb.core.adapters import COMPONENTS, HEAD, State, component_of, extract_state, target_specs
+from fedsb.core.adapters import (
+    COMPONENTS,
+    HEAD,
+    OFFSET_COMPONENTS,
+    State,
+    component_of,
+    extract_state,
+    target_specs,
+)
 from fedsb.core.catalog import shipped_configs
 from fedsb.core.models import (
     DEFAULT_MODEL,
@@ -49,7 +59,9 @@ from fedsb.experiment.meter import DIRECTIONS, INIT, check_direction
 from fedsb.methods import get_method, method_names
 from fedsb.methods.base import FederatedMethod
 
-METER_COMPONENTS = (*COMPONENTS, HEAD, INIT)  # the order tables print them in
+# The order tables print them in. The base offset's factors (B0, A0) travel only in the init record,
+# where the meter counts every tensor as `init`.
+METER_COMPONENTS = (*(c for c in COMPONENTS if c not in OFFSET_COMPONENTS), HEAD, INIT)
 
 Shape = tuple[int, ...]
 
@@ -66,6 +78,7 @@ class CommCounts:
     method: str
     rank: int
     num_clients: int = 1  # K, clients sampled per round: multiplies the all-clients figures
+    init: str = "kaiming"  # the adapter init (method.init.name)
     bytes_per_element: int = 4
     per_round: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
     one_time: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
@@ -114,7 +127,7 @@ class CommCounts:
     def to_dict(self) -> dict[str, Any]:
         """Every figure as plain numbers (for JSON output and run logs)."""
         out: dict[str, Any] = {
-            "method": self.method, "rank": self.rank, "num_clients": self.num_clients,
+            "method": self.method, "rank": self.rank, "init": self.init, "num_clients": self.num_clients,
             "bytes_per_element": self.bytes_per_element,
         }
         for d in DIRECTIONS:
@@ -136,12 +149,12 @@ def global_state_shapes(method: FederatedMethod, head: int | Mapping[str, Sequen
                         ) -> dict[str, Shape]:
     """Shapes of the method's whole global state, by state key: adapter tensors and head.
 
-    The adapter components are those an `AdapterLayer` of the method's kind holds (A and B;
-    R for LoRA-SB; the dense residual, in the base weight's layout, if `method.residual`).
+    The adapter components are those an `AdapterLayer` of the method's kind holds (`method.held`: A and
+    B; R for LoRA-SB; the dense residual, in the base weight's layout, if `method.residual`; the base
+    offset's B0 and A0 if its init has one).
     `head` is either the head's tensor shapes by key (see `head_shapes`) or a parameter count.
     """
-    held = tuple(c for c in COMPONENTS if c != "residual" or method.residual)
-    shapes: dict[str, Shape] = dict(method.component_shapes(held))
+    shapes: dict[str, Shape] = dict(method.component_shapes(method.held))
     if isinstance(head, Mapping):
         for k, shape in head.items():
             if component_of(k) != HEAD:
@@ -170,11 +183,11 @@ def closed_form(
     """Closed-form counts of `method` (its specs and rank), asking its own download/upload.
 
     - down, every round: `method.download(state, first_time=False)` (every global tensor
-      except `method.one_time`; FedEx-LoRA's dense accumulated residual included);
+      except the fixed ones, `method.fixed`; FedEx-LoRA's dense accumulated residual included);
     - down, once per client (`init`): what `download(state, first_time=True)` adds;
     - up, every round: `method.upload(state)` (the trained components plus the head);
-    - up, once (`init`), only if `init_gradients`: the dense m x n init gradient per module
-      that a client uploads when the LoRA-SB init gradient comes from the clients.
+    - up, once (`init`), only if `init_gradients` (the init gradient comes from the clients) and the
+      method's init is gradient-based (LoRA-SB, LoRA-GA): the dense m x n gradient per module.
     """
     if bytes_per_element <= 0 or num_clients <= 0:
         raise ValueError("bytes_per_element and num_clients must be positive")
@@ -184,11 +197,11 @@ def closed_form(
     first = method.download(state, first_time=True)
     once_down = sum(t.numel() for k, t in first.items() if k not in every_round)
     once_up = 0
-    # Only LoRA-SB adapters are initialised from a gradient (fedsb.core.init.lora_sb_init).
-    if init_gradients and method.adapter_kind == "lora_sb":
+    if init_gradients and method.init_gradients:
         once_up = sum(spec.out_features * spec.in_features for spec in method.specs.values())
     return CommCounts(
-        method=method.name, rank=method.rank, num_clients=num_clients, bytes_per_element=bytes_per_element,
+        method=method.name, rank=method.rank, init=method.init.name, num_clients=num_clients,
+        bytes_per_element=bytes_per_element,
         per_round={"up": _count(method.upload(state)), "down": _count(every_round)},
         one_time={"up": {INIT: once_up} if once_up else {}, "down": {INIT: once_down} if once_down else {}},
     )
@@ -225,9 +238,11 @@ def method_for_model(model: nn.Module, method: str, rank: int, targets: Sequence
 
 
 def count(model: nn.Module, method: str, rank: int, targets: Sequence[str] | None = None,
-          num_clients: int = 1, bytes_per_element: int = 4, init_gradients: bool = False) -> CommCounts:
-    """Closed-form counts of `method` at `rank` on `model` (real or meta), head included."""
-    instance = method_for_model(model, method, rank, targets)
+          num_clients: int = 1, bytes_per_element: int = 4, init_gradients: bool = False,
+          init: str | None = None) -> CommCounts:
+    """Closed-form counts of `method` at `rank` on `model` (real or meta), head included, with the
+    named init (None: the method's default)."""
+    instance = method_for_model(model, method, rank, targets, init=init)
     return closed_form(instance, bytes_per_element, num_clients, head_shapes(model), init_gradients)
 
 
@@ -292,12 +307,14 @@ def accounting_model(name: str, task: str | None = None, num_labels: int = 2) ->
 
 def count_methods(model: nn.Module, methods: Sequence[str], ranks: Mapping[str, int],
                   targets: Sequence[str] | None = None, num_clients: int = 1, bytes_per_element: int = 4,
-                  init_gradients: bool = False) -> dict[str, CommCounts]:
-    """Counts for several methods, each at its own rank (`ranks[name]`)."""
+                  init_gradients: bool = False, init: str | None = None) -> dict[str, CommCounts]:
+    """Counts for several methods, each at its own rank (`ranks[name]`). `init` applies to the methods
+    that accept it; the others keep their default (Fed-SB its LoRA-SB), which their counts name."""
     unknown = [m for m in methods if m not in method_names()]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; accepted: {', '.join(method_names())}")
-    return {m: count(model, m, ranks[m], targets, num_clients, bytes_per_element, init_gradients)
+    return {m: count(model, m, ranks[m], targets, num_clients, bytes_per_element, init_gradients,
+                     init if init in get_method(m).accepted_inits() else None)
             for m in methods}
 
 

@@ -121,9 +121,14 @@ class PartitionConfig:
 
 @dataclass
 class InitConfig:
-    source: Literal["server", "clients", "pooled"] = "server"  # where LoRA-SB's init gradient comes from
+    # The adapter init (fedsb.core.init_choices): kaiming, olora, pissa or lora_ga for the LoRA-based
+    # methods, lora_sb for Fed-SB; null: the method's default (kaiming; Fed-SB's lora_sb).
+    name: str | None = None
+    # Where a gradient-based init's (lora_ga, lora_sb) gradient comes from: the server's split, the
+    # clients (uploaded, metered as init, privatised under DP) or the pooled data (an oracle).
+    source: Literal["server", "clients", "pooled"] = "server"
     num_samples: int = 64  # examples whose gradient is accumulated
-    lr: float | None = None  # lr_eff of the first-update estimate; None: train.lr / client steps in the run
+    lr: float | None = None  # LoRA-SB's first-update lr_eff; None: train.lr / client steps in the run
 
 
 @dataclass

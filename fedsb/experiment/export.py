@@ -24,15 +24,20 @@ def export_adapter(run_dir: Path, base_model: nn.Module, method: FederatedMethod
     """Write the global adapter in PEFT LoRA format to run_dir/adapter (loadable by PeftModel).
 
     `base_model` must be a freshly loaded base model without fedsb adapters; it is modified.
-    For FedEx-LoRA, whose residual is not low-rank, the exact model (base + residual + BA,
-    merged) is also saved to run_dir/merged with save_pretrained.
+    The adapter is relative to the original base weights, also after an init that took its product
+    out of the frozen weight (PiSSA, OLoRA, LoRA-GA). For FedEx-LoRA, whose residual is not
+    low-rank, the exact model (base + residual + BA, merged) is also saved to run_dir/merged with
+    save_pretrained.
     """
     from peft import LoraConfig, TaskType, get_peft_model
 
     heads = find_head_modules(base_model)
     conv1d = any(spec.conv1d for spec in method.specs.values())
+    # With a base offset the adapter is exported at rank 2r (see FederatedMethod.peft_lora_pair): alpha
+    # grows with it, so that PEFT's scale alpha / r is the simulator's.
     config = LoraConfig(
-        r=method.rank, lora_alpha=method.alpha, target_modules=list(method.specs),
+        r=method.export_rank, lora_alpha=method.alpha * method.export_rank / method.rank,
+        target_modules=list(method.specs),
         modules_to_save=heads or None, fan_in_fan_out=conv1d, init_lora_weights=False,
         task_type=TaskType.SEQ_CLS if task == "classification" else TaskType.CAUSAL_LM,
     )
@@ -57,5 +62,6 @@ def export_adapter(run_dir: Path, base_model: nn.Module, method: FederatedMethod
 
 
 def _export_note(method: FederatedMethod) -> str:
-    return (f"# fedsb export: method {method.name}, rank {method.rank}, alpha {method.alpha}\n\n"
+    return (f"# fedsb export: method {method.name}, init {method.init.name}, rank {method.rank}, "
+            f"alpha {method.alpha}\n\n"
             "Load with `PeftModel.from_pretrained(base_model, this_dir)`.\n" + method.export_note())

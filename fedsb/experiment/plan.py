@@ -162,14 +162,18 @@ def _targets(config: ExperimentConfig, model: PreTrainedModel) -> list[str]:
 
 def _check_rank(config: ExperimentConfig, model: PreTrainedModel, targets: list[str]
                 ) -> list[tuple[int, int]]:
-    """(out, in) of each target; the rank may not exceed any target's smaller dimension."""
+    """(out, in) of each target; the rank may not exceed any target's smaller dimension (LoRA-GA's:
+    half of it, for the gradient's top 2r singular vectors)."""
     shapes = [weight_shape(model.get_submodule(name)) for name in targets]
     smallest = min(range(len(targets)), key=lambda i: min(shapes[i]))
-    bound = min(shapes[smallest])
+    init = get_method(config.method.name).init_for(config.method.init.name)
+    bound = min(shapes[smallest]) // init.dims_per_rank
     if config.method.rank > bound:
         out_f, in_f = shapes[smallest]
+        needs = "" if init.dims_per_rank == 1 else f" / {init.dims_per_rank} (the {init.name} init uses " \
+            f"{init.dims_per_rank}r singular vectors)"
         raise CheckError(f"method.rank: got {config.method.rank}; accepted: an integer in 1..{bound}, the "
-                         f"smaller dimension of target module {targets[smallest]} ({out_f} x {in_f})")
+                         f"smaller dimension of target module {targets[smallest]} ({out_f} x {in_f}){needs}")
     return shapes
 
 
@@ -241,10 +245,11 @@ def _check_plan(config: ExperimentConfig) -> Plan:
     targets = _targets(config, model)
     shapes = _check_rank(config, model, targets)
     method = get_method(config.method.name)
-    init_gradients = method.init_gradients and config.method.init.source == "clients"
+    init_gradients = (method.needs_init_gradients(config.method.init.name)
+                      and config.method.init.source == "clients")
     cohort = config.clients_per_round()
     counts = comm.count(model, config.method.name, config.method.rank, config.model.target_modules,
-                        num_clients=cohort, init_gradients=init_gradients)
+                        num_clients=cohort, init_gradients=init_gradients, init=config.method.init.name)
     privacy = _privacy(config, sizes)
     device = resolve_device(config.model.device)
     head = comm.head_shapes(model)
@@ -279,7 +284,8 @@ def format_plan(plan: Plan) -> str:
         f"labels ({len(plan.label_names)}): {_names(plan.label_names, 10, 24)}",
         f"partition: {c.partition.scheme}, {f.num_clients} clients: "
         f"{', '.join(map(str, plan.partition_sizes))} examples (sum {sum(plan.partition_sizes):,})",
-        f"method: {c.method.name}, rank {c.method.rank}, alpha {c.lora_alpha:g}; {f.rounds} rounds, "
+        f"method: {c.method.name}, init {counts.init}, rank {c.method.rank}, alpha {c.lora_alpha:g}; "
+        f"{f.rounds} rounds, "
         f"{plan.cohort} client(s) per round, {c.train.local_steps} local steps of batch {c.train.batch_size}",
         f"bytes per round, per client: up {counts.bytes('up'):,} B, down {counts.bytes('down'):,} B "
         f"(a client's first round adds {counts.init_bytes('down'):,} B down, "

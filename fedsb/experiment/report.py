@@ -18,8 +18,11 @@ def _privacy_status(config: ExperimentConfig) -> str:
 
 
 def run_label(config: ExperimentConfig, worker: Worker) -> str:
-    """The prefix of every log line, e.g. 'fedsb r=16', flagged when the run is not a federated result."""
+    """The prefix of every log line, e.g. 'fedsb r=16' or 'fedit r=8 init=pissa' (an init other than the
+    method's default), flagged when the run is not a federated result."""
     label = f"{config.method.name} r={config.method.rank}"
+    if worker.method.init.name != worker.method.default_init:
+        label += f" init={worker.method.init.name}"
     if worker.init_source == "pooled":
         label += " ORACLE init (pooled data)"  # the paper's setting, not a federated result
     if config.federation.centralised:
@@ -44,6 +47,7 @@ def run_setting(config: ExperimentConfig, worker: Worker, connected: int, run_di
         "clients_per_round": config.clients_per_round(), "rounds": config.federation.rounds,
         "local_steps": config.train.local_steps, "lr": config.train.lr, "init_lr": config.init_lr,
         "weighting": config.federation.weighting, "centralised": config.federation.centralised,
+        "init": worker.method.init.name,
         "init_source": worker.init_source,
         "oracle": worker.init_source == "pooled",  # the paper's pooled-data init: not a federated result
         "partition": {"scheme": config.partition.scheme, "alpha": config.partition.alpha,

@@ -161,6 +161,9 @@ class RunSummary:
     # What the *_accuracy fields measure: 'accuracy' (classification), or 'exact match (...)' of a
     # causal LM's greedily generated answers
     accuracy_metric: str = "accuracy"
+    # The adapter init (method.init.name, resolved: 'kaiming', 'olora', 'pissa', 'lora_ga', 'lora_sb');
+    # None in a summary written before the init was a choice.
+    init: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return json_safe(dataclasses.asdict(self))

@@ -40,12 +40,32 @@ def _check_device(device: str) -> None:
 
 
 def uses_init_gradients(c: ExperimentConfig) -> bool:
-    """Whether the config's method has a gradient-based init (so method.init.source matters).
+    """Whether the config's init (method.init.name, or the method's default) is gradient-based (so
+    method.init.source matters).
 
     Asks the method class, which imports torch: only called where the answer changes a check."""
     from fedsb.methods import get_method
 
-    return get_method(c.method.name).init_gradients
+    return get_method(c.method.name).needs_init_gradients(c.method.init.name)
+
+
+def _check_init(c: ExperimentConfig) -> None:
+    """method.init.name: a known init, and one the method accepts (the method's class is imported,
+    and with it torch, only when an init is named)."""
+    from fedsb.core.init_choices import get_init, init_names  # torch-free declarations
+
+    name = c.method.init.name
+    if name is None:
+        return
+    _require(name in init_names(), "method.init.name", name,
+             "null (the method's default) or one of " + ", ".join(repr(n) for n in init_names()))
+    from fedsb.methods import get_method
+
+    method = get_method(c.method.name)
+    accepted = method.accepted_inits()
+    _require(name in accepted, "method.init.name", name,
+             f"{' or '.join(repr(n) for n in accepted)} with method.name={c.method.name} (its adapter is "
+             f"{method.adapter_kind}; {name} initialises {get_init(name).adapter_kind})")
 
 
 HEADERLESS_SUFFIXES = (".csv", ".tsv")  # the file kinds that data.header=false applies to
@@ -84,6 +104,7 @@ def validate(c: ExperimentConfig) -> None:
              "a positive number or null")
     _require(c.method.init.num_samples > 0, "method.init.num_samples", c.method.init.num_samples,
              "a positive integer")
+    _check_init(c)
     k = c.federation.num_clients
     auto = k == "auto"
     _require(auto or k >= 1, "federation.num_clients", k, "an integer >= 1 or 'auto'")

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from fedsb.core.adapters import COMPONENTS, HEAD, State, extract_state, load_state
+from fedsb.core.adapters import COMPONENTS, HEAD, State, component_of, extract_state, load_state
 from fedsb.core.init import accumulate_gradients
 from fedsb.core.models import find_target_modules, load_model, load_tokenizer, resolve_device, resolve_dtype
 from fedsb.data.schema import TEXT_PAIR, column
@@ -65,7 +65,8 @@ class Worker:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         targets = find_target_modules(self.model, m.target_modules)
         self.method: FederatedMethod = build_method(
-            config.method.name, self.model, targets, config.method.rank, config.lora_alpha)
+            config.method.name, self.model, targets, config.method.rank, config.lora_alpha,
+            init=config.method.init.name)
         # The model is shared by every client and run of this process: remember the head's
         # initial weights so each run starts from them, not from the last state loaded.
         self.initial_head = extract_state(self.model, (HEAD,))
@@ -136,7 +137,7 @@ class Worker:
         With a privacy ledger the steps are DP-SGD (Opacus) and are charged to it.
         """
         t = self.config.train
-        load_state(self.model, state)
+        load_state(self.model, self.method.client_state(state, self.computed_fixed_state))
         data = self.client_tokens(partition_id)
         seed = hash_seed(self.config.seed, server_round, partition_id)
         torch.manual_seed(seed)  # dropout: reproducible per (seed, round, client)
@@ -194,8 +195,19 @@ class Worker:
         adapters = extract_state(self.model, COMPONENTS)
         load_state(self.model, {**{k: torch.zeros_like(v) for k, v in adapters.items()}, **self.initial_head})
 
+    @cached_property
+    def computed_fixed_state(self) -> State:
+        """The fixed tensors a client computes itself instead of receiving them: a local init's (OLoRA,
+        PiSSA), from the pretrained weights every process holds, by the same seeded code as the server's
+        initial_state, so every client and the server hold the same tensors. Empty for other inits."""
+        if not self.method.init.local:
+            return {}
+        state = self.method.initial_state(self.model, torch.Generator().manual_seed(self.config.seed))
+        return {k: v for k, v in to_device(state, torch.device("cpu")).items()
+                if component_of(k) in self.method.fixed}
+
     def evaluate_client(self, partition_id: int, state: State) -> dict[str, float]:
-        load_state(self.model, state)
+        load_state(self.model, self.method.client_state(state, self.computed_fixed_state))
         return evaluate(self.model, iterate_batches(self.client_tokens(partition_id),
                                                     self.config.eval.batch_size, shuffle=False))
 

@@ -1,16 +1,14 @@
 """Fed-SB: LoRA-SB adapters W0 + s B R A; clients train only the r x r matrix R.
 
-B and A come from the LoRA-SB init (`fedsb.core.init.lora_sb_init`), are frozen, and reach each
-client once (component `init` on the meter). Averaging R is exact, because the map
-R -> B R A is linear: B (sum_i w_i R_i) A = sum_i w_i B R_i A. Upload per round: r^2 per module.
+B and A come from the LoRA-SB init (`fedsb.core.init.lora_sb_init`, the only init of its adapter
+kind), are frozen, and reach each client once (component `init` on the meter). Averaging R is
+exact, because the map R -> B R A is linear: B (sum_i w_i R_i) A = sum_i w_i B R_i A. Upload per
+round: r^2 per module.
 """
-
-from collections.abc import Mapping
 
 import torch
 
 from fedsb.core.adapters import State, key
-from fedsb.core.init import lora_sb_init
 from fedsb.methods.base import FederatedMethod
 
 
@@ -18,20 +16,10 @@ class FedSB(FederatedMethod):
     name = "fedsb"
     label = "Fed-SB"
     centralised_label = "LoRA-SB"
-    init_gradients = True
     adapter_kind = "lora_sb"
+    default_init = "lora_sb"
     trainable = ("lora_R",)
     one_time = ("lora_A", "lora_B")
-
-    def initial_adapter_state(self, generator: torch.Generator,
-                              gradients: Mapping[str, torch.Tensor] | None = None,
-                              lr_eff: float | None = None) -> State:
-        if gradients is None:
-            raise ValueError("Fed-SB needs the init gradients (see fedsb.core.init.accumulate_gradients)")
-        if lr_eff is None:
-            raise ValueError("Fed-SB needs lr_eff, the first-update estimate's learning rate "
-                             "(the config's init_lr: train.lr / a client's steps in the run)")
-        return lora_sb_init(gradients, self.rank, self.scale, lr_eff, generator)
 
     def peft_lora_pair(self, state: State, module: str) -> dict[str, torch.Tensor]:
         """PEFT's lora_B = B R and lora_A = A, with the same scale: s B R A exactly."""
