@@ -184,9 +184,11 @@ class LocalSimulation:
 
     def run(self, config: ExperimentConfig, run_dir: Path, *, app_dir: Path | None = None,
             cpus_per_client: int = 1, gpus_per_client: float = 0.0, stream: bool = True,
-            timeout_s: float = 6 * 3600, resume: bool = False) -> RunOutcome:
-        """Submit the run of run_dir/config.yaml, follow it to its final status, stop it if interrupted."""
-        echo = self.echo
+            timeout_s: float = 6 * 3600, resume: bool = False,
+            echo: Callable[[str], None] | None = None) -> RunOutcome:
+        """Submit the run of run_dir/config.yaml, follow it to its final status, stop it if interrupted.
+        `echo`: where this run's lines go (default: the simulation's)."""
+        echo = never_raising(echo) if echo is not None else self.echo
         app_dir = (app_dir or project_dir()).resolve()
         log_file = run_dir / "flower.log"
         start = time.monotonic()
@@ -288,7 +290,7 @@ def run_simulation(config_path: str | Path | None, overrides: Mapping[str, Any] 
     write_config(run_dir, config.to_dict())
     echo(f"fedsb run: {config.method.name}, rank {config.method.rank}, {config.federation.num_clients} "
          f"clients, {config.federation.rounds} rounds -> {run_dir}")
-    return simulation.run(config, run_dir, **launch)
+    return simulation.run(config, run_dir, echo=echo, **launch)
 
 
 def _resume(run_dir: Path, config_path: str | Path | None, overrides: Mapping[str, Any] | None,
@@ -313,7 +315,7 @@ def _resume(run_dir: Path, config_path: str | Path | None, overrides: Mapping[st
                          "start it again")
     echo(f"fedsb run: resuming {run_dir} after round {read_checkpoint(run_dir).round} "
          f"of {config.federation.rounds}")
-    return simulation.run(config, run_dir, resume=True, **launch)
+    return simulation.run(config, run_dir, resume=True, echo=echo, **launch)
 
 
 def prepare_run(config_path: str | Path | None, overrides: Mapping[str, Any] | None = None,
