@@ -24,7 +24,14 @@ from fedsb.experiment.cohort import sample_clients
 from fedsb.experiment.config import ExperimentConfig
 from fedsb.experiment.export import export_adapter
 from fedsb.experiment.meter import Meter
-from fedsb.experiment.prepared import has_prepared, write_assignment, write_prepared
+from fedsb.experiment.prepared import (
+    has_prepared,
+    read_prepared,
+    share_base_weights,
+    write_assignment,
+    write_base_weights,
+    write_prepared,
+)
 from fedsb.experiment.recorder import RunRecorder
 from fedsb.experiment.report import epsilon_metrics, privacy_summary, run_label, run_setting
 from fedsb.experiment.run_config import from_run_config
@@ -89,9 +96,14 @@ def run_server(grid: Grid, run_config: dict[str, Any]) -> ServerRun:
     label = run_label(config, worker)
     log(INFO, "[%s] run directory %s", label, run_dir)
     plot_partition(run_dir, worker.data.partitions, worker.data.label_names)
-    if not has_prepared(run_dir, worker.config):  # the clients' tokens, for the processes of this machine
+    if not has_prepared(run_dir, worker.config):  # for the client processes of this machine
         write_prepared(run_dir, worker.config, worker.data.label_names,
                        [worker.client_tokens(pid) for pid in range(len(worker.data.partitions))])
+        if worker.device.type == "cpu":
+            write_base_weights(run_dir, worker.config, worker.model)
+    prepared = read_prepared(run_dir, worker.config)
+    if prepared is not None and prepared.base_weights is not None:  # this process shares them too
+        share_base_weights(worker.model, prepared.base_weights)
     meter = Meter()
     checkpoint: ServerCheckpoint | None = None
     if run_config.get("resume", False):  # continue after the last completed round

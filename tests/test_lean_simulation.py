@@ -161,3 +161,31 @@ def test_a_run_directory_records_the_assignment_it_ran_with(tmp_path):
     assert sorted(assignment.values()) == [0, 1, 2, 3]
     assert {int(n) for n in assignment} == set(grid.get_node_ids())
     assert run.summary.rounds_completed == 2
+
+
+def test_processes_share_one_mapped_copy_of_the_frozen_base_weights(prepared_run):
+    """A Worker given the prepared files points every frozen base parameter at the mapped base.pt
+    (the adapters and the head stay its own), and computes exactly what a Worker with its own copy does."""
+    from fedsb.core.adapters import frozen_base_parameters, load_state
+    from fedsb.data.tokens import iterate_batches
+
+    config = load_config(APP_DIR / TINY, {"method.name": "fedit"}).with_clients(4)
+    prepared = read_prepared(prepared_run, config)
+    assert prepared is not None and prepared.base_weights
+    shared, own = Worker(config, prepared), Worker(config)
+    frozen = frozen_base_parameters(shared.model)
+    assert frozen and set(frozen) == set(prepared.base_weights)
+    for name, param in frozen.items():
+        assert param.data_ptr() == prepared.base_weights[name].data_ptr(), name  # the mapping itself
+    frozen_ids = {id(p) for p in frozen.values()}
+    own_tensors = [p for n, p in shared.model.named_parameters() if "lora_" in n or "classifier" in n]
+    assert own_tensors and not any(id(p) in frozen_ids for p in own_tensors)
+    state = own.initial_state()
+    batch = next(iterate_batches(own.client_tokens(1), 8, shuffle=False))
+    outputs = []
+    for worker in (shared, own):
+        worker.model.eval()
+        load_state(worker.model, state)
+        with torch.no_grad():
+            outputs.append(worker.model(**{k: v for k, v in batch.items() if k != "labels"}).logits)
+    assert torch.equal(outputs[0], outputs[1])

@@ -197,6 +197,12 @@ def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def frozen_base_parameters(model: nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The parameters no method changes: the pretrained model's own, but its task head."""
+    changed = {id(t) for t in _tensors(model).values()}
+    return {name: p for name, p in model.named_parameters() if id(p) not in changed}
+
+
 def extract_state(model: nn.Module, components: tuple[str, ...] | None = None) -> State:
     """A detached copy of the adapter (and head) tensors, optionally only some components."""
     return {

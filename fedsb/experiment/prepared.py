@@ -1,4 +1,5 @@
-"""Every client's tokenised partition, prepared once by the server for the client processes.
+"""What the server prepares once for the client processes of its machine: every client's tokenised
+partition, and the frozen base weights, shared by memory mapping.
 
 Without it each client process (a Ray actor, one per core) loads the whole dataset, partitions
 it for every client, loads the tokenizer and tokenises its clients' partitions: the same work as
@@ -9,8 +10,15 @@ per field, rows in partition order) with each partition's offset, and the label 
 process memory-maps the file and serves a partition as a slice of it, so the pages are shared
 by every process on the machine and each reads only the rows of the partitions it serves.
 
+The frozen base weights (every parameter but the adapters and the task head, which no method
+changes) are written beside them (`base.pt`) on the CPU: each process then points its model's
+frozen parameters at the mapped file, so the machine holds one copy of the base model, not one per
+process (a 1B-parameter model in float32 is 4.4 GB a process). A process that writes to one of them
+would get a private copy of that page (copy on write), never change the file.
+
 The tensors are exactly what `Worker.client_tokens` computes from the data (the server computes
-them that way), so a run is the same with or without the file. It is used only where it is
+them that way), and the weights are checked equal to the process's own before they replace them,
+so a run is the same with or without the files. It is used only where it is
 found: in the run directory that the run config names (`fedsb run` always names one) and written
 for the same config (a hash of it is stored beside the tensors). A SuperNode of a multi-node
 deployment, which has its own data and no shared run directory, loads its data itself.
@@ -30,6 +38,7 @@ if TYPE_CHECKING:
     from fedsb.experiment.config import ExperimentConfig
 
 PREPARED_FILE = Path("prepared") / "tokens.pt"
+BASE_FILE = Path("prepared") / "base.pt"  # the frozen base weights (CPU runs)
 ASSIGNMENT_FILE = Path("prepared") / "nodes.json"  # a simulation's node id -> partition id
 VERSION = 1
 
@@ -43,10 +52,11 @@ def config_key(config: ExperimentConfig) -> str:
 class PreparedPartitions:
     """The clients' token tensors of one run, memory-mapped (`read_prepared`)."""
 
-    def __init__(self, content: dict[str, Any]):
+    def __init__(self, content: dict[str, Any], base_weights: dict[str, torch.Tensor] | None = None):
         self.label_names: list[str] = list(content["label_names"])
         self._fields: dict[str, torch.Tensor] = content["fields"]
         self._offsets: list[int] = list(content["offsets"])
+        self.base_weights = base_weights  # name -> mapped tensor, or None
 
     @property
     def num_partitions(self) -> int:
@@ -95,10 +105,44 @@ def read_prepared(run_dir: str | Path | None, config: ExperimentConfig) -> Prepa
     path = Path(run_dir) / PREPARED_FILE
     if not path.is_file():
         return None
+    key = config_key(config)
     content = torch.load(path, mmap=True, weights_only=True)
-    if content.get("key") != config_key(config):
+    if content.get("key") != key:
         return None
-    return PreparedPartitions(content)
+    base = None
+    if (Path(run_dir) / BASE_FILE).is_file():
+        saved = torch.load(Path(run_dir) / BASE_FILE, mmap=True, weights_only=True)
+        base = saved["weights"] if saved.get("key") == key else None
+    return PreparedPartitions(content, base)
+
+
+def write_base_weights(run_dir: Path, config: ExperimentConfig, model: torch.nn.Module) -> Path:
+    """Write the model's frozen base weights (atomically), for the processes to share."""
+    from fedsb.core.adapters import frozen_base_parameters
+
+    weights = {name: p.detach() for name, p in frozen_base_parameters(model).items()}
+    path = Path(run_dir) / BASE_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    torch.save({"key": config_key(config), "weights": weights}, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def share_base_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> int:
+    """Point the model's frozen parameters at the mapped `weights` where they are equal to its own
+    (same name, shape, dtype and values); returns how many it shares."""
+    from fedsb.core.adapters import frozen_base_parameters
+
+    shared = 0
+    for name, param in frozen_base_parameters(model).items():
+        mapped = weights.get(name)
+        if (mapped is None or param.device.type != "cpu" or mapped.shape != param.shape
+                or mapped.dtype != param.dtype or not torch.equal(mapped, param.data)):
+            continue
+        param.data = mapped
+        shared += 1
+    return shared
 
 
 def has_prepared(run_dir: str | Path, config: ExperimentConfig) -> bool:

@@ -31,7 +31,7 @@ from fedsb.data.schema import TEXT_PAIR, column
 from fedsb.data.tokens import iterate_batches, tokenize, tokenize_instructions, tokenize_prompts
 from fedsb.experiment.cohort import hash_seed
 from fedsb.experiment.config import AUTO_CLIENTS, ExperimentConfig
-from fedsb.experiment.prepared import PreparedPartitions, read_prepared
+from fedsb.experiment.prepared import PreparedPartitions, read_prepared, share_base_weights
 from fedsb.methods import build_method
 from fedsb.methods.base import FederatedMethod
 from fedsb.training.generation import generation_accuracy
@@ -67,6 +67,8 @@ class Worker:
         self.method: FederatedMethod = build_method(
             config.method.name, self.model, targets, config.method.rank, config.lora_alpha,
             init=config.method.init.name)
+        if prepared is not None and prepared.base_weights is not None:
+            share_base_weights(self.model, prepared.base_weights)  # one copy per machine, mapped
         # The model is shared by every client and run of this process: remember the head's
         # initial weights so each run starts from them, not from the last state loaded.
         self.initial_head = extract_state(self.model, (HEAD,))
