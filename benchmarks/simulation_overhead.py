@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -67,11 +68,16 @@ class RoundClock:
         self._thread.join()
 
 
-def run_flower(config: str, overrides: list[str], cpus_per_client: int, out: Path
-               ) -> tuple[Usage, Path, list]:
+def run_flower(config: str, overrides: list[str], cpus_per_client: int, out: Path,
+               code: Path | None = None) -> tuple[Usage, Path, list]:
+    """`fedsb run`; with `code`, the fedsb of another checkout (its package and its Flower app)."""
     command = ["fedsb", "run", config, "--quiet", "--cpus-per-client", str(cpus_per_client),
                "--set", f"output_dir={out}", *[a for o in overrides for a in ("--set", o)]]
-    return _measure(command, out)
+    env = None
+    if code is not None:
+        command += ["--app", str(code)]
+        env = {**os.environ, "PYTHONPATH": str(code)}
+    return _measure(command, out, env)
 
 
 def run_bare(config: str, overrides: list[str], cpus_per_client: int, workers: int, out: Path
@@ -81,12 +87,12 @@ def run_bare(config: str, overrides: list[str], cpus_per_client: int, workers: i
     return _measure(command, out)
 
 
-def _measure(command: list[str], out: Path) -> tuple[Usage, Path, list]:
+def _measure(command: list[str], out: Path, env: dict | None = None) -> tuple[Usage, Path, list]:
     out.mkdir(parents=True, exist_ok=True)
     log = out / "benchmark.log"
     with RoundClock(out) as clock, MachineProbe() as usage, log.open("w") as sink:
         done = subprocess.run(command, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT,
-                              stdin=subprocess.DEVNULL)
+                              stdin=subprocess.DEVNULL, env=env)
     if done.returncode != 0:
         raise SystemExit(f"`{' '.join(command)}` failed (exit {done.returncode}); its output: {log}")
     run_dir = next(out.glob("**/summary.json")).parent
@@ -121,6 +127,14 @@ def same_work(flower_dir: Path, bare_dir: Path) -> str:
     return "identical metrics and bytes"
 
 
+def _discovery(run_dir: Path) -> str:
+    """The server's line on finding its clients (`fedsb.server`: assigned, or found by message)."""
+    for line in (run_dir / "flower.log").read_text(errors="replace").splitlines():
+        if "partitions assigned" in line or "clients found in" in line:
+            return line.split(":", 1)[-1].strip()
+    return "clients found: no line in flower.log (timed from the first round's start)"
+
+
 def _gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB"
 
@@ -131,24 +145,27 @@ def _top(usage: Usage, count: int = 8) -> str:
 
 
 def compare(args: argparse.Namespace, work: Path) -> None:
-    workers = max(1, (__import__("os").cpu_count() or 1) // args.cpus_per_client)
+    workers = max(1, (os.cpu_count() or 1) // args.cpus_per_client)
     print(f"machine: {machine_line()}")
     print(f"config: {args.config} {' '.join(args.set)}; {workers} client processes x {args.cpus_per_client} "
           "thread(s)", flush=True)
     results = {}
-    for name, run in (("flower", run_flower), ("bare", run_bare)):
-        extra = (workers,) if name == "bare" else ()
-        usage, run_dir, times = run(args.config, args.set, args.cpus_per_client, *extra, work / name)
+    runs = [("before", lambda *a: run_flower(*a, code=args.before))] if args.before else []
+    runs += [("flower", run_flower), ("bare", lambda *a: run_bare(*a[:3], workers, a[3]))]
+    for name, run in runs:
+        usage, run_dir, times = run(args.config, args.set, args.cpus_per_client, work / name)
         results[name] = (usage, run_dir, times)
         print(f"{name:>6}: wall {usage.wall_s:6.1f} s, CPU {usage.cpu_s:6.1f} s, round 0 done at "
               f"{times[0] if times else float('nan'):5.1f} s, peak PSS {_gb(usage.peak_pss)} "
               f"(RSS {_gb(usage.peak_rss)})", flush=True)
         if args.processes:
             print(_top(usage))
-    flower, bare = results["flower"][0], results["bare"][0]
-    print(f" ratio: wall {flower.wall_s / bare.wall_s:.2f}x, CPU {flower.cpu_s / bare.cpu_s:.2f}x, "
-          f"peak PSS {flower.peak_pss / bare.peak_pss:.2f}x")
-    print(f"  same work: {same_work(results['flower'][1], results['bare'][1])}")
+    bare = results["bare"][0]
+    for name in [n for n in results if n != "bare"]:
+        flower = results[name][0]
+        print(f" {name} / bare: wall {flower.wall_s / bare.wall_s:.2f}x, "
+              f"CPU {flower.cpu_s / bare.cpu_s:.2f}x, peak PSS {flower.peak_pss / bare.peak_pss:.2f}x; "
+              f"{same_work(results[name][1], results['bare'][1])}")
 
 
 def scale(args: argparse.Namespace, work: Path) -> None:
@@ -156,14 +173,15 @@ def scale(args: argparse.Namespace, work: Path) -> None:
     for clients in args.scale:
         overrides = [f"federation.num_clients={clients}", "federation.clients_per_round=10",
                      "federation.rounds=2", f"data.num_examples={20 * clients}", *args.set]
-        out = work / f"scale-{clients}"
-        usage, _run_dir, times = run_flower(args.config, overrides, args.cpus_per_client, out)
-        rounds = [f"{b - a:.1f}" for a, b in zip(times, times[1:], strict=False)]
-        print(f"{clients:>6} clients: start-up to round 1 {times[0]:.1f} s, rounds {', '.join(rounds)} s, "
-              f"wall {usage.wall_s:.1f} s, peak PSS {_gb(usage.peak_pss)} (RSS {_gb(usage.peak_rss)})",
-              flush=True)
-        if args.processes:
-            print(_top(usage))
+        for name, code in ([("before", args.before)] if args.before else []) + [("flower", None)]:
+            out = work / f"scale-{clients}-{name}"
+            usage, run_dir, times = run_flower(args.config, overrides, args.cpus_per_client, out, code)
+            rounds = [f"{b - a:.1f}" for a, b in zip(times, times[1:], strict=False)]
+            print(f"{name:>6}, {clients} clients: start-up to round 1 {times[0]:.1f} s "
+                  f"({_discovery(run_dir)}), rounds {', '.join(rounds)} s, wall {usage.wall_s:.1f} s, "
+                  f"peak PSS {_gb(usage.peak_pss)} (RSS {_gb(usage.peak_rss)})", flush=True)
+            if args.processes:
+                print(_top(usage))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -175,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="scale mode: a run with N clients (repeatable)")
     parser.add_argument("--processes", action="store_true", help="print the largest processes at the peak")
     parser.add_argument("--keep", type=Path, default=None, help="keep the run directories here")
+    parser.add_argument("--before", type=Path, default=None, metavar="CHECKOUT",
+                        help="also run `fedsb run` from another checkout (e.g. a git worktree of an older "
+                             "commit), for before-and-after figures in one invocation")
     parser.add_argument("--bare-run", metavar="CONFIG", help=argparse.SUPPRESS)  # the measured child
     parser.add_argument("--workers", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)

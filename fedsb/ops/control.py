@@ -59,6 +59,7 @@ class LogFollower:
     def __init__(self, client: ControlHttpClient, run_id: int, write: Callable[[str], None]):
         self._client, self._run_id, self._write = client, run_id, write
         self._stopped = threading.Event()
+        self.ended = threading.Event()  # the SuperLink ended the stream: the run has finished
         self.error: Exception | None = None
         self._thread = threading.Thread(target=self._stream, name=f"log-{run_id}", daemon=True)
         self._thread.start()
@@ -74,7 +75,8 @@ class LogFollower:
                     after = max(after, reply.latest_timestamp)
                     if self._stopped.is_set():
                         return
-                return  # the stream ended: the run has finished
+                self.ended.set()  # the stream ended: the run has finished
+                return
             except Exception as err:  # noqa: BLE001 - the run's status, not its log, decides the outcome
                 self.error = err
                 if self._stopped.wait(1.0):

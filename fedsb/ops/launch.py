@@ -31,6 +31,7 @@ import contextlib
 import shutil
 import signal
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
@@ -58,6 +59,7 @@ from fedsb.ops.processes import (
 )
 
 CONNECTION = "fedsb-local"  # the SuperLink connection name in the private FLWR_HOME
+STATUS_POLL_S = 5.0  # a run's status is asked this often while its log streams (and when it ends)
 # Lines of the run log that carry no information for a person (the full log is kept).
 NOISE = ("FutureWarning", "warnings.warn(", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "Flattening the indices",
          "Loading weights", "LOAD REPORT", "classifier.", "Key  ", "------", "Notes:", "- MISSING",
@@ -213,7 +215,7 @@ class LocalSimulation:
             with open(log_file, "a") as log:
                 follower = self._control.follow_log(run_id, LogWriter(log, echo if stream else None))
                 try:
-                    status, details = self._wait(run_id, start + timeout_s)
+                    status, details = self._wait(run_id, start + timeout_s, follower.ended)
                 finally:
                     follower.stop()
                     if not status.startswith(FINISHED):  # interrupted or timed out: stop the run first
@@ -231,7 +233,9 @@ class LocalSimulation:
              f"in {outcome.elapsed_s:.0f} s; results in {run_dir}")
         return outcome
 
-    def _wait(self, run_id: int, deadline: float) -> tuple[str, str]:
+    def _wait(self, run_id: int, deadline: float, log_ended: threading.Event) -> tuple[str, str]:
+        """The run's final status. The end of its log stream says when to ask (at once); the status
+        is also asked every STATUS_POLL_S seconds, in case the stream dropped."""
         assert self._control is not None
         while True:
             try:
@@ -242,7 +246,10 @@ class LocalSimulation:
                 return status, details
             if time.monotonic() > deadline:
                 return status, "timed out"
-            time.sleep(1.0)
+            if log_ended.is_set():
+                time.sleep(0.2)  # the stream ended just before the status changed
+            else:
+                log_ended.wait(STATUS_POLL_S)
 
 
 class LogWriter:
