@@ -1,6 +1,6 @@
 """GPU check of the real apps: fedsb's ServerApp and ClientApp on one CUDA GPU, causal-LM tuning.
 
-    python benchmarks/gpu_apps_check.py [--clients 8] [--rounds 2] [--steps 4] [--dp] [--methods M,...]
+    python benchmarks/gpu_apps_check.py [--clients 8] [--rounds 2] [--steps 4] [--dp] [--methods M[:INIT],...]
 
 On a machine without CUDA it says so and exits 0 (`--tiny` runs the same on a 2-layer model on the CPU:
 a check of the script, not a measurement). On a GPU it writes a TinyLlama-1.1B-shaped causal LM with
@@ -9,7 +9,8 @@ for each method, one whole fedsb run of the generated arithmetic instruction tas
 `fedsb.federation.inprocess.run_in_process`: the real ServerApp and ClientApp, `--clients` virtual
 clients sharing the one base model on the GPU (bfloat16 base, float32 adapters), the server's
 validation exact match by greedy generation every round, the test split at the end, the run
-directory. With `--dp` it also runs the first method under DP-SGD (Opacus) on the GPU.
+directory. With `--dp` it also runs the first method under DP-SGD (Opacus) on the GPU. A method may
+name its init (`--methods fedit:pissa,ffa:olora,fedex:lora_ga`; `method.init.name`).
 
 It prints, per method: seconds per round (training and evaluation together), the GPU memory peak of
 the round (the clients' training and the server's evaluation, from each round's `gpu_peak_bytes`),
@@ -53,11 +54,12 @@ def write_model(directory: Path, shape: dict, tokenizer: str = "default") -> Pat
     return directory
 
 
-def run(method: str, model_dir: Path, out: Path, args: argparse.Namespace, dp: bool = False) -> dict:
+def run(job: str, model_dir: Path, out: Path, args: argparse.Namespace, dp: bool = False) -> dict:
     from fedsb.experiment.run_config import format_override_list
     from fedsb.experiment.summary import RunSummary, read_metrics
     from fedsb.federation.inprocess import run_in_process
 
+    method, _, init = job.partition(":")
     overrides = {
         "model.name": str(model_dir), "model.task": "causal_lm", "model.max_length": 64,
         "data.source": "arithmetic", "data.num_examples": 1200, "data.max_val_examples": 64,
@@ -67,6 +69,8 @@ def run(method: str, model_dir: Path, out: Path, args: argparse.Namespace, dp: b
         "method.name": method, "method.rank": 4 if args.tiny else RANKS[method],
         "method.init.num_samples": 32, "eval.batch_size": 64, "eval.max_new_tokens": 12,
     }
+    if init:
+        overrides["method.init.name"] = init
     run_config = {"config": "configs/arithmetic.yaml", "run-dir": str(out),
                   "overrides": format_override_list(overrides)}
     if dp:
@@ -103,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"gpu_apps_check: {device}; torch {torch.__version__}; {args.clients} virtual clients x "
           f"{args.rounds} rounds x {args.steps} steps, batch {args.batch}; the real ServerApp and ClientApp "
           f"in one process", flush=True)
-    header = (f"{'method':<10} {'s/round':>8} {'GPU peak GiB':>12} {'up B/round':>12} {'down B/round':>13} "
+    header = (f"{'method':<14} {'s/round':>8} {'GPU peak GiB':>12} {'up B/round':>12} {'down B/round':>13} "
               f"{'exact match':>11} {'epsilon':>8}")
     with tempfile.TemporaryDirectory(prefix="fedsb-gpu-") as tmp:
         model_dir = write_model(Path(tmp) / "llama", TINY if args.tiny else LLAMA_1B, args.tokenizer)
@@ -111,9 +115,9 @@ def main(argv: list[str] | None = None) -> int:
         methods = args.methods.split(",")
         jobs = [(m, False) for m in methods] + ([(methods[0], True)] if args.dp else [])
         for method, dp in jobs:
-            r = run(method, model_dir, Path(tmp) / f"run-{method}-{int(dp)}", args, dp)
+            r = run(method, model_dir, Path(tmp) / f"run-{method.replace(':', '-')}-{int(dp)}", args, dp)
             label = method + (" DP" if dp else "")
-            print(f"{label:<10} {r['round_s']:>8.1f} {r['peak_gib']:>12.2f} {r['up']:>12,} {r['down']:>13,} "
+            print(f"{label:<14} {r['round_s']:>8.1f} {r['peak_gib']:>12.2f} {r['up']:>12,} {r['down']:>13,} "
                   f"{r['exact']:>11.3f} {r['epsilon'] or 0:>8.2f}", flush=True)
     return 0
 
