@@ -356,8 +356,8 @@ def prepare_run_isolated(config_path: str | Path | None, overrides: Mapping[str,
     import sys
     from concurrent.futures import ProcessPoolExecutor
 
-    if "torch" in sys.modules:  # loaded already (a test, a notebook): a child would save nothing
-        return _checked_config(config_path, overrides, cpus_per_client, gpus_per_client)
+    if "fedsb.experiment.plan" in sys.modules:  # the checks' stack is loaded already (a test, a
+        return _checked_config(config_path, overrides, cpus_per_client, gpus_per_client)  # notebook)
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
         return child.submit(_checked_config, config_path, None if overrides is None else dict(overrides),
                             cpus_per_client, gpus_per_client).result()
