@@ -17,6 +17,10 @@ initial evaluation) and the peak memory: the summed PSS of every process on the 
 its value before the command (PSS shares pages such as torch's libraries among the processes
 mapping them; summed RSS beside it), sampled every 0.5 s (`benchmarks/machine_probe.py`).
 
+Sweep mode (`--sweep N`) runs `fedsb sweep` over N seeds of the config at 1 round (with `--before`,
+the older checkout's sweep too) and prints the wall and CPU time per cell: on a small config, what
+a cell costs beyond its run's own work.
+
 Scale mode (`--scale N`, repeatable) runs `fedsb run` with N clients, 10 per round, 2 rounds and
 20 examples per client, and prints the start-up time before round 1, the time per round and the
 peak memory, with the processes that held the most memory at the peak.
@@ -184,6 +188,32 @@ def scale(args: argparse.Namespace, work: Path) -> None:
                 print(_top(usage))
 
 
+def sweep(args: argparse.Namespace, work: Path) -> None:
+    from fedsb.experiment.config import parse_override  # torch-free
+
+    print(f"machine: {machine_line()}")
+    print(f"config: {args.config} {' '.join(args.set)}, 1 round; a sweep of {args.sweep} cells (seeds)",
+          flush=True)
+    for name, code in ([("before", args.before)] if args.before else []) + [("flower", None)]:
+        out = work / f"sweep-{name}"
+        out.mkdir(parents=True, exist_ok=True)
+        fixed = {"federation.rounds": 1, **dict(parse_override(o) for o in args.set)}
+        spec = out / "sweep.yaml"
+        base = str((ROOT / args.config).resolve())
+        spec.write_text(json.dumps({"base": base, "output_dir": str(out / "runs"), "set": fixed,
+                                    "grid": {"seed": list(range(args.sweep))}}))
+        env = None if code is None else {**os.environ, "PYTHONPATH": str(code)}
+        command = ["fedsb", "sweep", str(spec)] + (["--app", str(code)] if code is not None else [])
+        with MachineProbe() as usage, (out / "benchmark.log").open("w") as sink:
+            done = subprocess.run(command, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT,
+                                  stdin=subprocess.DEVNULL, env=env)
+        if done.returncode != 0:
+            raise SystemExit(f"`{' '.join(command)}` failed (exit {done.returncode}); "
+                             f"see {out / 'benchmark.log'}")
+        print(f"{name:>6}: {args.sweep} cells in {usage.wall_s:.1f} s: {usage.wall_s / args.sweep:.1f} s and "
+              f"{usage.cpu_s / args.sweep:.1f} CPU-s per cell, peak PSS {_gb(usage.peak_pss)}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/default.yaml")
@@ -191,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpus-per-client", type=int, default=1)
     parser.add_argument("--scale", type=int, action="append", default=[], metavar="N",
                         help="scale mode: a run with N clients (repeatable)")
+    parser.add_argument("--sweep", type=int, default=0, metavar="N",
+                        help="sweep mode: a sweep of N cells (seeds) of the config at 1 round")
     parser.add_argument("--processes", action="store_true", help="print the largest processes at the peak")
     parser.add_argument("--keep", type=Path, default=None, help="keep the run directories here")
     parser.add_argument("--before", type=Path, default=None, metavar="CHECKOUT",
@@ -205,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     work = args.keep or Path(tempfile.mkdtemp(prefix="fedsb-overhead-"))
     try:
-        (scale if args.scale else compare)(args, work)
+        (scale if args.scale else sweep if args.sweep else compare)(args, work)
     finally:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)
