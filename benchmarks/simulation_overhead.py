@@ -77,11 +77,11 @@ def run_flower(config: str, overrides: list[str], cpus_per_client: int, out: Pat
     """`fedsb run`; with `code`, the fedsb of another checkout (its package and its Flower app)."""
     command = ["fedsb", "run", config, "--quiet", "--cpus-per-client", str(cpus_per_client),
                "--set", f"output_dir={out}", *[a for o in overrides for a in ("--set", o)]]
-    env = None
-    if code is not None:
+    env, cwd = None, ROOT
+    if code is not None:  # its own copy of the config too (the keys a config may have change)
         command += ["--app", str(code)]
-        env = {**os.environ, "PYTHONPATH": str(code)}
-    return _measure(command, out, env)
+        env, cwd = {**os.environ, "PYTHONPATH": str(code)}, code
+    return _measure(command, out, env, cwd)
 
 
 def run_bare(config: str, overrides: list[str], cpus_per_client: int, workers: int, out: Path
@@ -91,14 +91,16 @@ def run_bare(config: str, overrides: list[str], cpus_per_client: int, workers: i
     return _measure(command, out)
 
 
-def _measure(command: list[str], out: Path, env: dict | None = None) -> tuple[Usage, Path, list]:
+def _measure(command: list[str], out: Path, env: dict | None = None, cwd: Path = ROOT
+             ) -> tuple[Usage, Path, list]:
     out.mkdir(parents=True, exist_ok=True)
     log = out / "benchmark.log"
     with RoundClock(out) as clock, MachineProbe() as usage, log.open("w") as sink:
-        done = subprocess.run(command, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT,
+        done = subprocess.run(command, cwd=cwd, stdout=sink, stderr=subprocess.STDOUT,
                               stdin=subprocess.DEVNULL, env=env)
     if done.returncode != 0:
-        raise SystemExit(f"`{' '.join(command)}` failed (exit {done.returncode}); its output: {log}")
+        raise SystemExit(f"`{' '.join(command)}` failed (exit {done.returncode}): "
+                         f"{log.read_text()[-1500:]}")
     run_dir = next(out.glob("**/summary.json")).parent
     return usage, run_dir, clock.times
 
@@ -199,7 +201,7 @@ def sweep(args: argparse.Namespace, work: Path) -> None:
         out.mkdir(parents=True, exist_ok=True)
         fixed = {"federation.rounds": 1, **dict(parse_override(o) for o in args.set)}
         spec = out / "sweep.yaml"
-        base = str((ROOT / args.config).resolve())
+        base = str(((code or ROOT) / args.config).resolve())
         spec.write_text(json.dumps({"base": base, "output_dir": str(out / "runs"), "set": fixed,
                                     "grid": {"seed": list(range(args.sweep))}}))
         env = None if code is None else {**os.environ, "PYTHONPATH": str(code)}
