@@ -234,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.before is not None:
+        args.before = args.before.resolve()  # its runs have it as working directory and PYTHONPATH
     if args.bare_run:
         bare_run(args.bare_run, args.set, args.cpus_per_client, args.workers, args.out)
         return 0
