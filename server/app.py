@@ -25,7 +25,6 @@ from fedsb.experiment.config import ExperimentConfig
 from fedsb.experiment.export import export_adapter
 from fedsb.experiment.meter import Meter
 from fedsb.experiment.prepared import (
-    has_prepared,
     read_prepared,
     share_base_weights,
     write_assignment,
@@ -96,12 +95,13 @@ def run_server(grid: Grid, run_config: dict[str, Any]) -> ServerRun:
     label = run_label(config, worker)
     log(INFO, "[%s] run directory %s", label, run_dir)
     plot_partition(run_dir, worker.data.partitions, worker.data.label_names)
-    if not has_prepared(run_dir, worker.config):  # for the client processes of this machine
+    prepared = read_prepared(run_dir, worker.config)  # a resumed run's are there already
+    if prepared is None:  # for the client processes of this machine
         write_prepared(run_dir, worker.config, worker.data.label_names,
                        [worker.client_tokens(pid) for pid in range(len(worker.data.partitions))])
         if worker.device.type == "cpu":
             write_base_weights(run_dir, worker.config, worker.model)
-    prepared = read_prepared(run_dir, worker.config)
+        prepared = read_prepared(run_dir, worker.config)
     if prepared is not None and prepared.base_weights is not None:  # this process shares them too
         share_base_weights(worker.model, prepared.base_weights)
     meter = Meter()

@@ -145,9 +145,6 @@ def share_base_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor])
     return shared
 
 
-def has_prepared(run_dir: str | Path, config: ExperimentConfig) -> bool:
-    return read_prepared(run_dir, config) is not None
-
 
 # -- a simulation's partitions, assigned by the server ------------------------------------------
 # In a simulation every virtual client's data is generated the same everywhere, so which node
