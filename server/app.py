@@ -32,7 +32,13 @@ from fedsb.experiment.prepared import (
     write_prepared,
 )
 from fedsb.experiment.recorder import RunRecorder
-from fedsb.experiment.report import epsilon_metrics, privacy_summary, run_label, run_setting
+from fedsb.experiment.report import (
+    epsilon_metrics,
+    privacy_summary,
+    run_label,
+    run_setting,
+    truncated_ranks,
+)
 from fedsb.experiment.run_config import from_run_config
 from fedsb.experiment.rundir import run_dir_for, write_config
 from fedsb.experiment.summary import RunSummary
@@ -54,6 +60,7 @@ from fedsb.federation.protocol import (
     to_record,
     to_state,
 )
+from fedsb.methods.ranks import assign_client_ranks
 from server.privacy_budget import PrivacyBudget
 from server.strategy import FedsbStrategy, RoundOffset
 
@@ -121,13 +128,18 @@ def run_server(grid: Grid, run_config: dict[str, Any]) -> ServerRun:
                 grid, config, nodes, meter)
         state = worker.initial_state(client_gradients)
     offset = checkpoint.round if checkpoint else 0
+    client_ranks = client_ranks_of(config, worker, nodes)
+    if client_ranks:
+        ranks = list(client_ranks.values())
+        log(INFO, "[%s] client ranks: %s", label,
+            ", ".join(f"{rank} x {ranks.count(rank)}" for rank in sorted(set(ranks))))
 
     strategy = FedsbStrategy(
         worker.method, state, nodes, clients_per_round=min(config.clients_per_round(), len(nodes)),
         seed=config.seed, meter=meter, client_eval=config.eval.client_eval,
         uniform_weights=config.federation.weighting == "uniform", min_clients=config.federation.min_clients,
         max_failed_rounds=config.federation.max_failed_rounds,
-        max_update_norm=config.federation.max_update_norm)
+        max_update_norm=config.federation.max_update_norm, client_ranks=client_ranks)
     budget = (PrivacyBudget(strategy, config.privacy.epsilon, init_ledgers, init_ledger_json)
               if config.privacy.enabled else None)
     chosen: dict[str, Any] = {}  # the state of the round the recorder chooses (best validation accuracy)
@@ -187,7 +199,12 @@ def run_server(grid: Grid, run_config: dict[str, Any]) -> ServerRun:
     final_test = worker.evaluate_global(strategy.global_state, "test")
     last_round_chosen = not chosen or chosen["round"] == config.federation.rounds
     chosen_test = final_test if last_round_chosen else worker.evaluate_global(chosen["state"], "test")
-    summary = recorder.summary(run_setting(config, worker, len(nodes), run_dir), chosen_test, final_test,
+    setting = run_setting(config, worker, len(nodes), run_dir, client_ranks)
+    chosen_state = chosen["state"] if chosen else strategy.global_state
+    setting["test_accuracy_at_rank"] = {  # what a client of each rank would hold
+        str(rank): worker.evaluate_global(chosen_state, "test", rank=rank)["accuracy"]
+        for rank in truncated_ranks(config, client_ranks)} or None
+    summary = recorder.summary(setting, chosen_test, final_test,
                                privacy=privacy_summary(config, budget.ledgers if budget else {}))
     export = export_adapter(run_dir, _fresh_base_model(config, worker), worker.method,
                             strategy.global_state, config.model.task)
@@ -197,6 +214,17 @@ def run_server(grid: Grid, run_config: dict[str, Any]) -> ServerRun:
         summary.best_round, summary.best_val_accuracy, metric, summary.final_test_accuracy,
         f"{summary.bytes_total('up'):,}", f"{summary.bytes_total('down'):,}", export)
     return ServerRun(strategy, budget, summary, run_dir)
+
+
+def client_ranks_of(config: ExperimentConfig, worker: Worker, nodes: dict[int, int]) -> dict[int, int] | None:
+    """Each partition's adapter rank (federation.client_ranks; None: every client the global rank)."""
+    f = config.federation
+    if f.client_ranks is None:
+        return None
+    sizes = [len(p) for p in worker.data.partitions] if f.rank_assignment == "by_size" else None
+    ranks = assign_client_ranks(f.client_ranks, f.rank_assignment, len(worker.data.partitions), config.seed,
+                                sizes)
+    return {pid: ranks[pid] for pid in nodes}
 
 
 def discover_clients(grid: Grid, num_clients: int | None, wait_s: float) -> dict[int, int]:

@@ -1,7 +1,8 @@
 """FedAvg's round loop, with a fedsb method deciding what is sent, received and aggregated.
 
 Flower's `Strategy.start` drives the rounds; this strategy only fills its four hooks:
-- configure_train: a seeded cohort; each client gets `method.download(state, first_time)`,
+- configure_train: a seeded cohort; each client gets `method.download(state, first_time, rank)`
+  (its rank: fedsb.methods.ranks),
   the tensors sent once (`method.sent_once`: LoRA-SB's B and A, FFA's A, LoRA-GA's B0 and A0) in
   a separate `init` record;
 - aggregate_train: every reply is metered, validated (`method.validate_upload`) and either
@@ -70,7 +71,7 @@ class FedsbStrategy(FedAvg):
     def __init__(self, method: FederatedMethod, initial_state: State, nodes: dict[int, int], *,
                  clients_per_round: int, seed: int, meter: Meter, client_eval: bool = False,
                  uniform_weights: bool = False, min_clients: float = 1, max_failed_rounds: int = 3,
-                 max_update_norm: float | None = None):
+                 max_update_norm: float | None = None, client_ranks: dict[int, int] | None = None):
         super().__init__(fraction_train=clients_per_round / len(nodes),
                          fraction_evaluate=1.0 if client_eval else 0.0,
                          min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1)
@@ -93,6 +94,12 @@ class FedsbStrategy(FedAvg):
         self.max_failed_rounds = max_failed_rounds
         self.max_update_norm = max_update_norm
         self.skipped_in_a_row = 0
+        # Partition id -> the rank of the adapter it holds (fedsb.methods.ranks); absent: the global rank.
+        self.client_ranks = dict(client_ranks or {})
+
+    def rank_of(self, pid: int) -> int | None:
+        rank = self.client_ranks.get(pid)
+        return None if rank == self.method.rank else rank
 
     def summary(self) -> None:
         log(INFO, "\t├──> method %s, rank %d, alpha %s; %d of %d clients per round (seeded)",
@@ -104,19 +111,20 @@ class FedsbStrategy(FedAvg):
                         ) -> Iterable[Message]:
         cohort = sample_clients(list(self.nodes), self.clients_per_round, self.seed, server_round)
         self.rounds[server_round] = RoundLog(cohort)
-        # Two payloads at most per round (with and without the one-time tensors), each serialised
-        # once and shared by the messages, as FedAvg shares its one payload.
+        # One payload per (with or without the one-time tensors, client rank), each serialised once
+        # and shared by the messages, as FedAvg shares its one payload.
         needs = {pid: pid not in self.seen or pid in self.resend for pid in cohort}
-        contents = {first: self._content(self.method.download(self.global_state, first_time=first),
-                                         server_round)
-                    for first in {*needs.values(), *(pid not in self.seen for pid in cohort)}}
+        kinds = {(first, self.rank_of(pid)) for pid in cohort for first in (needs[pid], pid not in self.seen)}
+        contents = {(first, rank): self._content(
+                        self.method.download(self.global_state, first_time=first, rank=rank), server_round)
+                    for first, rank in kinds}
         messages = []
         for pid in cohort:
-            content = contents[needs[pid]]
+            content = contents[needs[pid], self.rank_of(pid)]
             # Metered as the uninterrupted run sends it; a resumed client's repeat of the one-time
             # tensors apart.
-            meter_message(self.meter, contents[pid not in self.seen], round=server_round, client=pid,
-                          phase="train", direction="down")
+            meter_message(self.meter, contents[pid not in self.seen, self.rank_of(pid)], round=server_round,
+                          client=pid, phase="train", direction="down")
             if needs[pid] and pid in self.seen and INIT_RECORD in content.array_records:
                 meter_message(self.resend_meter, RecordDict({INIT_RECORD: content[INIT_RECORD]}),
                               round=server_round, client=pid, phase="train", direction="down")
@@ -153,7 +161,7 @@ class FedsbStrategy(FedAvg):
             reply = by_client.get(pid)
             self.meter_reply(server_round, pid, reply)
             try:
-                upload, num_examples, loss = self._parse_upload(reply)
+                upload, num_examples, loss = self._parse_upload(reply, self.rank_of(pid))
             except ClientFailed as err:
                 round_log.failed[pid] = str(err)
                 log(WARNING, "round %d: client %d failed: %s", server_round, pid, err)
@@ -199,8 +207,9 @@ class FedsbStrategy(FedAvg):
             return max(1, math.ceil(self.min_clients * cohort))
         return min(int(self.min_clients), cohort)
 
-    def _parse_upload(self, reply: Message | None) -> tuple[State, int, float]:
-        """A reply's upload, example count and loss, or InvalidUpdate saying what is wrong."""
+    def _parse_upload(self, reply: Message | None, rank: int | None = None) -> tuple[State, int, float]:
+        """A reply's upload (of a client of `rank`), example count and loss, or InvalidUpdate saying
+        what is wrong."""
         if reply is None:
             raise ClientFailed("no reply within federation.round_timeout_s")
         if reply.has_error():
@@ -213,9 +222,10 @@ class FedsbStrategy(FedAvg):
         if not isinstance(num_examples, int) or num_examples <= 0:
             raise InvalidUpdate(f"{NUM_EXAMPLES} must be a positive integer, got {num_examples!r}")
         upload = to_state(records[ADAPTER_RECORD])
-        self.method.validate_upload(upload, self.global_state)
+        self.method.validate_upload(upload, self.global_state, rank)
         if self.max_update_norm is not None:
-            norm = math.sqrt(sum(float((v.double() - self.global_state[k].double()).pow(2).sum())
+            sent = self.method.upload(self.global_state, rank)  # what the client started from
+            norm = math.sqrt(sum(float((v.double() - sent[k].double()).pow(2).sum())
                                  for k, v in upload.items()))
             if norm > self.max_update_norm:
                 raise InvalidUpdate(f"update norm {norm:.4g} exceeds federation.max_update_norm "
@@ -228,8 +238,13 @@ class FedsbStrategy(FedAvg):
         if not self.client_eval:
             return []
         messages = []
-        content = self._content(self.method.download(self.global_state, first_time=False), server_round)
+        contents: dict[int | None, RecordDict] = {}
         for pid in self.rounds[server_round].accepted:  # they hold the one-time tensors already
+            rank = self.rank_of(pid)
+            if rank not in contents:
+                contents[rank] = self._content(
+                    self.method.download(self.global_state, first_time=False, rank=rank), server_round)
+            content = contents[rank]
             meter_message(self.meter, content, round=server_round, client=pid, phase="evaluate",
                           direction="down")
             messages.append(Message(content, dst_node_id=self.nodes[pid], message_type=MessageType.EVALUATE,

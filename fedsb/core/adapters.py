@@ -114,11 +114,18 @@ class AdapterLayer(nn.Module):
             self.register_buffer("lora_B0", torch.zeros(out_features, rank, dtype=dtype, device=device))
         else:
             self.lora_A0 = self.lora_B0 = None
+        # A client of a lower rank (fedsb.methods.ranks), or a nested-rank training step, uses only the
+        # first `active_rank` components: the rest is masked to zero after A, so it gets no gradient
+        # (per-sample ones included: Opacus sees the masked activations). None: every component.
+        self.active_rank: int | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         x32 = x.to(ADAPTER_DTYPE)  # a no-op over a float32 base
         low_rank = self.lora_A(x32)
+        if self.active_rank is not None and self.active_rank < low_rank.shape[-1]:
+            mask = torch.arange(low_rank.shape[-1], device=low_rank.device) < self.active_rank
+            low_rank = low_rank * mask.to(low_rank.dtype)
         if self.lora_R is not None:
             low_rank = self.lora_R(low_rank)
         adapter = self.lora_B(low_rank)
@@ -178,6 +185,12 @@ def inject_adapters(
             raise ValueError(f"module {name} already has an adapter")
         setattr(parent, child, AdapterLayer(base, rank, alpha / rank, kind, residual, offset))
     return target_specs(model, targets)
+
+
+def set_active_rank(model: nn.Module, rank: int | None) -> None:
+    """Use only the first `rank` components of every adapter (None: all of them)."""
+    for layer in adapter_layers(model).values():
+        layer.active_rank = rank
 
 
 def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:

@@ -162,6 +162,14 @@ class FederationConfig:
     # An optional bound on the L2 norm of a client's update (its upload minus the global tensors):
     # a larger one is rejected with its reason. null: no bound.
     max_update_norm: float | None = None
+    # Clients of different LoRA ranks (fedsb.methods.ranks), each <= method.rank (the server's):
+    # null, every client method.rank; else a list of ranks, assigned by rank_assignment: `random`
+    # (each client draws one, seeded), `per_client` (one per client, in partition order) or `by_size`
+    # (the clients with more data get the larger ranks). rank_aggregation: how the server combines
+    # them: pad (HetLoRA), rank_aware (each slice over its holders) or svd (FlexLoRA).
+    client_ranks: list[int] | None = None
+    rank_assignment: Literal["random", "per_client", "by_size"] = "random"
+    rank_aggregation: Literal["pad", "rank_aware", "svd"] = "pad"
 
 
 @dataclass
@@ -173,6 +181,9 @@ class TrainConfig:
     # Recompute activations in the backward pass instead of keeping them: less GPU memory for long
     # sequences, about a third more compute per step.
     gradient_checkpointing: bool = False
+    # DyLoRA's nested ranks: each local step samples a rank b in 1..r_i (the client's rank) and trains
+    # the rank-b prefix, so that every prefix of the adapter stays usable when truncated.
+    nested_ranks: bool = False
 
 
 @dataclass
@@ -182,6 +193,9 @@ class EvalConfig:
     # Causal LMs: exact match of greedily generated answers (every round on validation, and on test).
     max_new_tokens: int = 32
     answer_style: Literal["gsm8k", "last_number"] = "gsm8k"  # '#### <n>', or the last number in the text
+    # The global adapter is also tested truncated to these ranks (summary.json's test_accuracy_at_rank);
+    # null: with client_ranks or nested_ranks, r/4, r/2 and the client ranks; else none.
+    truncated_ranks: list[int] | None = None
 
 
 # --- privacy (fedsb.training.privacy.policy) ---------------------------------------------------------
@@ -298,10 +312,15 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             raise ConfigError(f"{key}: got {value!r}; accepted: {_accepted(tp)}")
         return value
     if origin is list:
-        if isinstance(value, str):
+        item = typing.get_args(tp)[0]
+        if isinstance(value, str):  # a comma-separated override: target_modules=query,value
             value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{key}: got {value!r}; accepted: a list of strings")
+            if item is int:
+                value = [int(v) if v.lstrip("-").isdigit() else v for v in value]
+        if not isinstance(value, list) or not all(isinstance(v, item) and not isinstance(v, bool)
+                                                  for v in value):
+            raise ConfigError(f"{key}: got {value!r}; accepted: a list of "
+                              + {str: "strings", int: "integers"}[item])
         return value
     if tp is bool:
         if not isinstance(value, bool):
@@ -400,7 +419,9 @@ def centralise(config: ExperimentConfig) -> ExperimentConfig:
     cohort = config.clients_per_round()
     c = dataclasses.replace(
         config,
-        federation=dataclasses.replace(config.federation, num_clients=1, clients_per_round=1.0),
+        # One client at the global rank: the reference is the full-rank adapter on the pooled data.
+        federation=dataclasses.replace(config.federation, num_clients=1, clients_per_round=1.0,
+                                       client_ranks=None),
         train=dataclasses.replace(config.train, local_steps=config.train.local_steps * cohort),
         partition=dataclasses.replace(config.partition, scheme="iid"),
     )

@@ -25,6 +25,13 @@ def run_label(config: ExperimentConfig, worker: Worker) -> str:
         label += f" init={worker.method.init.name}"
     if worker.init_source == "pooled":
         label += " ORACLE init (pooled data)"  # the paper's setting, not a federated result
+    f = config.federation
+    if f.client_ranks is not None:
+        label += f" ranks={'/'.join(str(r) for r in sorted(set(f.client_ranks)))} {f.rank_aggregation}"
+    elif f.rank_aggregation != "pad":
+        label += f" {f.rank_aggregation}"
+    if config.train.nested_ranks:
+        label += " nested"
     if config.federation.centralised:
         label += " CENTRALISED reference (not federated)"
     if config.privacy.enabled:
@@ -34,9 +41,15 @@ def run_label(config: ExperimentConfig, worker: Worker) -> str:
     return label
 
 
-def run_setting(config: ExperimentConfig, worker: Worker, connected: int, run_dir: Path) -> dict[str, Any]:
+def run_setting(config: ExperimentConfig, worker: Worker, connected: int, run_dir: Path,
+                client_ranks: dict[int, int] | None = None) -> dict[str, Any]:
     """The RunSummary fields that describe the run's setting."""
+    mixed = config.federation.client_ranks is not None and client_ranks
     return {
+        "client_ranks": {str(pid): r for pid, r in sorted(client_ranks.items())} if mixed else None,
+        "rank_aggregation": (config.federation.rank_aggregation if mixed or config.train.nested_ranks
+                             or config.federation.rank_aggregation != "pad" else None),
+        "nested_ranks": config.train.nested_ranks,
         "method": config.method.name,
         # the centralised reference is named for its centralised adapter (Fed-SB's is LoRA-SB)
         "method_label": (worker.method.centralised_label if config.federation.centralised
@@ -56,6 +69,17 @@ def run_setting(config: ExperimentConfig, worker: Worker, connected: int, run_di
         "accuracy_metric": (f"exact match (greedy generation, {config.eval.answer_style} answers)"
                             if worker.generates else "accuracy"),
     }
+
+
+def truncated_ranks(config: ExperimentConfig, client_ranks: dict[int, int] | None = None) -> list[int]:
+    """The ranks the chosen adapter is also tested at (eval.truncated_ranks; by default, with mixed or
+    nested ranks, r/4, r/2 and the clients' ranks below r)."""
+    r = config.method.rank
+    if config.eval.truncated_ranks is not None:
+        return sorted(set(config.eval.truncated_ranks))
+    if config.federation.client_ranks is None and not config.train.nested_ranks:
+        return []
+    return sorted({max(1, r // 4), max(1, r // 2), *(client_ranks or {}).values()} - {r})
 
 
 def epsilon_metrics(trained: dict[int, float], ledgers: dict[int, dict[str, float]]) -> dict[str, float]:

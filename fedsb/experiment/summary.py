@@ -164,6 +164,13 @@ class RunSummary:
     # The adapter init (method.init.name, resolved: 'kaiming', 'olora', 'pissa', 'lora_ga', 'lora_sb');
     # None in a summary written before the init was a choice.
     init: str | None = None
+    # Clients of different ranks (fedsb.methods.ranks): each partition's rank ("0" -> 8; None: every
+    # client at `rank`), the rule that combined them, whether training sampled nested ranks, and the
+    # test accuracy of the chosen round's adapter truncated to each of eval.truncated_ranks ("4" -> 0.71).
+    client_ranks: dict[str, int] | None = None
+    rank_aggregation: str | None = None
+    nested_ranks: bool = False
+    test_accuracy_at_rank: dict[str, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return json_safe(dataclasses.asdict(self))

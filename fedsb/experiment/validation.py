@@ -68,6 +68,41 @@ def _check_init(c: ExperimentConfig) -> None:
              f"{method.adapter_kind}; {name} initialises {get_init(name).adapter_kind})")
 
 
+def _check_ranks(c: ExperimentConfig) -> None:
+    """Clients of different ranks, nested-rank training and truncated evaluation (fedsb.methods.ranks):
+    ranks in 1..method.rank, and a method and init that can take them (the method class is imported,
+    and with it torch, only when one of these keys is set)."""
+    f, r = c.federation, c.method.rank
+    for key, ranks in (("federation.client_ranks", f.client_ranks),
+                       ("eval.truncated_ranks", c.eval.truncated_ranks)):
+        _require(ranks is None or (len(ranks) > 0 and all(1 <= x <= r for x in ranks)), key, ranks,
+                 f"null or a non-empty list of ranks in 1..method.rank ({r})")
+    if f.client_ranks is not None and f.rank_assignment == "per_client" and f.num_clients != "auto":
+        _require(len(f.client_ranks) == f.num_clients, "federation.client_ranks", f.client_ranks,
+                 f"one rank per client ({f.num_clients}) with federation.rank_assignment=per_client")
+    mixed = f.client_ranks is not None or c.train.nested_ranks
+    if not mixed and f.rank_aggregation == "pad":
+        return
+    from fedsb.methods import get_method
+
+    method = get_method(c.method.name)
+    fixed_rank = f"with method.name={c.method.name} (its clients all hold the global rank)"
+    _require(f.client_ranks is None or bool(method.rank_aggregations), "federation.client_ranks",
+             f.client_ranks, f"null {fixed_rank}")
+    _require(not c.train.nested_ranks or bool(method.rank_aggregations), "train.nested_ranks",
+             c.train.nested_ranks, f"false {fixed_rank}")
+    accepted = ", ".join(repr(a) for a in method.rank_aggregations) or "'pad' (unused)"
+    _require(f.rank_aggregation in method.rank_aggregations or f.rank_aggregation == "pad",
+             "federation.rank_aggregation", f.rank_aggregation,
+             f"one of {accepted} with method.name={c.method.name}")
+    if mixed:
+        init = method.init_for(c.method.init.name)
+        _require(not init.offsets_base, "method.init.name", c.method.init.name,
+                 "an init that leaves the base weight as it is (kaiming) with client_ranks or nested_ranks: "
+                 f"{init.label} takes its full-rank product out of the base weight, which a truncated "
+                 "adapter would not put back")
+
+
 HEADERLESS_SUFFIXES = (".csv", ".tsv")  # the file kinds that data.header=false applies to
 
 
@@ -105,6 +140,7 @@ def validate(c: ExperimentConfig) -> None:
     _require(c.method.init.num_samples > 0, "method.init.num_samples", c.method.init.num_samples,
              "a positive integer")
     _check_init(c)
+    _check_ranks(c)
     k = c.federation.num_clients
     auto = k == "auto"
     _require(auto or k >= 1, "federation.num_clients", k, "an integer >= 1 or 'auto'")

@@ -17,14 +17,24 @@ import json
 import logging
 import math
 import os
+import random
 import sys
+from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from fedsb.core.adapters import COMPONENTS, HEAD, State, component_of, extract_state, load_state
+from fedsb.core.adapters import (
+    COMPONENTS,
+    HEAD,
+    State,
+    component_of,
+    extract_state,
+    load_state,
+    set_active_rank,
+)
 from fedsb.core.init import accumulate_gradients
 from fedsb.core.models import find_target_modules, load_model, load_tokenizer, resolve_device, resolve_dtype
 from fedsb.data.schema import TEXT_PAIR, column
@@ -34,6 +44,7 @@ from fedsb.experiment.config import AUTO_CLIENTS, ExperimentConfig
 from fedsb.experiment.prepared import PreparedPartitions, read_prepared, share_base_weights
 from fedsb.methods import build_method
 from fedsb.methods.base import FederatedMethod
+from fedsb.methods.ranks import state_rank
 from fedsb.training.generation import generation_accuracy
 from fedsb.training.local import TrainResult, evaluate, to_device, train_local
 
@@ -66,7 +77,7 @@ class Worker:
         targets = find_target_modules(self.model, m.target_modules)
         self.method: FederatedMethod = build_method(
             config.method.name, self.model, targets, config.method.rank, config.lora_alpha,
-            init=config.method.init.name)
+            init=config.method.init.name, rank_aggregation=config.federation.rank_aggregation)
         if prepared is not None and prepared.base_weights is not None:
             share_base_weights(self.model, prepared.base_weights)  # one copy per machine, mapped
         # The model is shared by every client and run of this process: remember the head's
@@ -136,29 +147,53 @@ class Worker:
                      ledger: PrivacyLedger | None = None) -> tuple[State, TrainResult]:
         """Load the client's full adapter state, train locally, return what it uploads.
 
-        With a privacy ledger the steps are DP-SGD (Opacus) and are charged to it.
+        With a privacy ledger the steps are DP-SGD (Opacus) and are charged to it. A client sent a
+        lower-rank adapter than the global (fedsb.methods.ranks) trains and uploads that rank.
         """
         t = self.config.train
+        rank = self.client_rank(state)
         load_state(self.model, self.method.client_state(state, self.computed_fixed_state))
         data = self.client_tokens(partition_id)
         seed = hash_seed(self.config.seed, server_round, partition_id)
         torch.manual_seed(seed)  # dropout: reproducible per (seed, round, client)
-        if ledger is not None:
-            from fedsb.training.privacy.dpsgd import train_local_private
+        before_step = self.nested_rank_sampler(rank, seed) if t.nested_ranks else None
+        set_active_rank(self.model, rank)
+        try:
+            if ledger is not None:
+                from fedsb.training.privacy.dpsgd import train_local_private
 
-            on_device = to_device(data, self.device)  # Opacus samples on the device
-            result = train_local_private(self.model, self.method, on_device, t.local_steps, t.lr, ledger,
-                                         optimizer=t.optimizer, seed=seed)
-            return self.upload(), result
+                on_device = to_device(data, self.device)  # Opacus samples on the device
+                result = train_local_private(self.model, self.method, on_device, t.local_steps, t.lr, ledger,
+                                             optimizer=t.optimizer, seed=seed, before_step=before_step)
+                return self.upload(rank), result
 
-        def batches():
-            epoch = 0
-            while True:
-                yield from iterate_batches(data, t.batch_size, seed=seed + epoch)
-                epoch += 1
+            def batches():
+                epoch = 0
+                while True:
+                    yield from iterate_batches(data, t.batch_size, seed=seed + epoch)
+                    epoch += 1
 
-        result = train_local(self.model, self.method, batches(), t.local_steps, t.lr, t.optimizer)
-        return self.upload(), result
+            result = train_local(self.model, self.method, batches(), t.local_steps, t.lr, t.optimizer,
+                                 before_step=before_step)
+            return self.upload(rank), result
+        finally:
+            set_active_rank(self.model, None)
+
+    def client_rank(self, received: State) -> int:
+        """The rank of the adapter a client was sent: the server decides (federation.client_ranks),
+        the shapes say."""
+        return state_rank(received) or self.method.rank
+
+    def nested_rank_sampler(self, rank: int, seed: int) -> Callable[[], None]:
+        """DyLoRA (Valipour et al. 2023): before each step, a rank b drawn uniformly from 1..rank and
+        only the rank-b prefix used (and so trained), seeded per (run, round, client). The authors
+        also rescale the prefix by rank/b; fedsb keeps one scale (fedsb.methods.ranks says why)."""
+        rng = random.Random(seed)
+
+        def sample() -> None:
+            set_active_rank(self.model, rng.randint(1, rank))
+
+        return sample
 
     def peak_memory(self) -> int | None:
         """Peak bytes allocated on this process's GPU since the last call (None on the CPU)."""
@@ -168,10 +203,11 @@ class Worker:
         torch.cuda.reset_peak_memory_stats(self.device)
         return peak
 
-    def upload(self) -> State:
-        """What the client sends: the trained tensors, float32 on the CPU (the wire's format)."""
+    def upload(self, rank: int | None = None) -> State:
+        """What the client sends: the trained tensors (of its rank), float32 on the CPU (the wire's
+        format)."""
         trained = extract_state(self.model, self.method.trained)
-        return to_device(self.method.upload(trained), torch.device("cpu"))
+        return to_device(self.method.upload(trained, rank), torch.device("cpu"))
 
     def client_gradients(self, partition_id: int, ledger: PrivacyLedger | None = None
                          ) -> tuple[dict[str, torch.Tensor], int]:
@@ -209,9 +245,14 @@ class Worker:
                 if component_of(k) in self.method.fixed}
 
     def evaluate_client(self, partition_id: int, state: State) -> dict[str, float]:
+        rank = self.client_rank(state)
         load_state(self.model, self.method.client_state(state, self.computed_fixed_state))
-        return evaluate(self.model, iterate_batches(self.client_tokens(partition_id),
-                                                    self.config.eval.batch_size, shuffle=False))
+        set_active_rank(self.model, rank)
+        try:
+            return evaluate(self.model, iterate_batches(self.client_tokens(partition_id),
+                                                        self.config.eval.batch_size, shuffle=False))
+        finally:
+            set_active_rank(self.model, None)
 
     # -- server side -----------------------------------------------------------------------
     def _gradients(self, data: dict[str, torch.Tensor], num_samples: int) -> dict[str, torch.Tensor]:
@@ -241,12 +282,21 @@ class Worker:
         state = self.method.initial_state(self.model, generator, gradients, lr_eff=self.config.init_lr)
         return to_device(state, torch.device("cpu"))  # the server's state lives on the CPU, in float32
 
-    def evaluate_global(self, state: State, split: str = "validation") -> dict[str, float]:
-        """The global state on the server's `validation` (every round) or `test` split."""
+    def evaluate_global(self, state: State, split: str = "validation", rank: int | None = None
+                        ) -> dict[str, float]:
+        """The global state on the server's `validation` (every round) or `test` split; with `rank`,
+        its adapter truncated to that rank (what a client of that rank holds)."""
         if split not in ("validation", "test"):
             raise ValueError(f"split must be 'validation' or 'test', got {split!r}")
         load_state(self.model, state)
         tokens = self.validation_tokens if split == "validation" else self.test_tokens
+        set_active_rank(self.model, rank)
+        try:
+            return self._evaluate(tokens, split)
+        finally:
+            set_active_rank(self.model, None)
+
+    def _evaluate(self, tokens: dict[str, torch.Tensor], split: str) -> dict[str, float]:
         metrics = evaluate(self.model, iterate_batches(tokens, self.config.eval.batch_size, shuffle=False))
         if not self.generates:
             return metrics

@@ -36,6 +36,7 @@ from fedsb.core.adapters import (
 )
 from fedsb.core.init import InitInputs, adapter_init
 from fedsb.core.init_choices import InitChoice, get_init, init_names
+from fedsb.methods.ranks import RANK_DIM, aggregate_factors, pad, state_rank, truncate
 
 
 class InvalidUpdate(ValueError):
@@ -70,14 +71,20 @@ class FederatedMethod:
     trainable: ClassVar[tuple[str, ...]]  # adapter components a client trains
     # Components a client downloads once only (frozen after the init, e.g. FFA-LoRA's A).
     one_time: ClassVar[tuple[str, ...]] = ()
+    # How the method can combine clients of different ranks (fedsb.methods.ranks: pad, rank_aware,
+    # svd); empty: every client holds the global rank (federation.client_ranks must be null) and
+    # nested-rank training does not apply.
+    rank_aggregations: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, specs: Mapping[str, ModuleSpec], rank: int, alpha: float, init: str | None = None):
+    def __init__(self, specs: Mapping[str, ModuleSpec], rank: int, alpha: float, init: str | None = None,
+                 rank_aggregation: str = "pad"):
         if rank <= 0:
             raise ValueError(f"rank must be a positive integer, got {rank}")
         self.specs = dict(specs)
         self.rank = rank
         self.alpha = alpha
         self.init: InitChoice = self.init_for(init)
+        self.rank_aggregation = rank_aggregation
 
     # 0. The init --------------------------------------------------------------------------
     @classmethod
@@ -175,13 +182,16 @@ class FederatedMethod:
         return state
 
     # 2. Upload ------------------------------------------------------------------------------
-    def upload(self, local_state: State) -> State:
-        """What a client sends after local training: the tensors it trained."""
-        return {k: v for k, v in local_state.items() if component_of(k) in self.trained}
+    def upload(self, local_state: State, rank: int | None = None) -> State:
+        """What a client sends after local training: the tensors it trained (a client of a lower
+        `rank` than the global's, their rank-`rank` prefix: fedsb.methods.ranks)."""
+        trained = {k: v for k, v in local_state.items() if component_of(k) in self.trained}
+        return trained if rank is None or rank == self.rank else truncate(trained, rank)
 
-    def validate_upload(self, upload: State, global_state: State) -> None:
-        """Raise InvalidUpdate unless the upload has exactly the expected keys, shapes, finite values."""
-        expected = self.upload(global_state)
+    def validate_upload(self, upload: State, global_state: State, rank: int | None = None) -> None:
+        """Raise InvalidUpdate unless the upload has exactly the expected keys, shapes (those of a client
+        of `rank`; None: the global rank) and finite values."""
+        expected = self.upload(global_state, rank)
         missing, extra = set(expected) - set(upload), set(upload) - set(expected)
         if missing or extra:
             raise InvalidUpdate(f"upload keys differ: missing {sorted(missing)[:3]}, "
@@ -201,22 +211,31 @@ class FederatedMethod:
         if len(uploads) != len(w):
             raise ValueError(f"{len(uploads)} uploads but {len(w)} weights")
         new_state = dict(global_state)
+        sliced = [c for c in self.trainable if c in RANK_DIM]
+        full_rank = all(state_rank(u) in (None, self.rank) for u in uploads)
+        if sliced and (self.rank_aggregation == "svd" or not full_rank):  # clients of different ranks
+            new_state.update(aggregate_factors(self.rank_aggregation, global_state, uploads, w,
+                                               list(self.specs), sliced))
         for k in self.upload(global_state):
-            new_state[k] = weighted_mean([u[k] for u in uploads], w)
+            if component_of(k) not in sliced or (full_rank and self.rank_aggregation != "svd"):
+                new_state[k] = weighted_mean([u[k] for u in uploads], w)
         return new_state
 
     # 4. Download ----------------------------------------------------------------------------
-    def download(self, global_state: State, first_time: bool) -> State:
+    def download(self, global_state: State, first_time: bool, rank: int | None = None) -> State:
         """What the server sends a client before local training; the fixed tensors only once, and only
-        those a client cannot compute itself (`sent_once`)."""
-        return {k: v for k, v in global_state.items()
+        those a client cannot compute itself (`sent_once`). A client of a lower `rank` than the
+        global's gets the rank-`rank` prefix of the LoRA factors (fedsb.methods.ranks)."""
+        sent = {k: v for k, v in global_state.items()
                 if component_of(k) not in self.fixed or (first_time and component_of(k) in self.sent_once)}
+        return sent if rank is None or rank == self.rank else truncate(sent, rank)
 
     def client_state(self, received: State, computed: State) -> State:
         """A client's full state: what it received (this round's download and the one-time tensors),
         completed with the fixed tensors it was not sent: those it `computed` itself (a local init's,
-        from the pretrained weights) and the offset factors that equal a one-time component it holds."""
-        state = {**computed, **received}
+        from the pretrained weights) and the offset factors that equal a one-time component it holds.
+        A lower-rank client's factors are zero-padded to the global rank (its layers mask the rest)."""
+        state = {**computed, **pad(received, self.rank)}
         for offset, component in INITIAL_VALUE_OF.items():
             if offset in self.fixed:
                 for name in self.specs:

@@ -12,6 +12,7 @@ import torch
 
 from fedsb.core.adapters import State, key
 from fedsb.methods.base import FederatedMethod, normalize_weights, weighted_mean
+from fedsb.methods.ranks import RANK_AGGREGATIONS
 
 
 class FedExLoRA(FederatedMethod):
@@ -19,6 +20,8 @@ class FedExLoRA(FederatedMethod):
     label = "FedEx-LoRA"
     centralised_label = "LoRA"
     trainable = ("lora_A", "lora_B")
+    # Every rule, each exact in the effective weight: the residual takes up whatever the rule leaves out.
+    rank_aggregations = RANK_AGGREGATIONS
     residual = True
 
     def aggregate(self, global_state: State, uploads: Sequence[State], weights: Sequence[float]) -> State:

@@ -5,6 +5,7 @@ into a residual.
 """
 
 from fedsb.methods.base import FederatedMethod
+from fedsb.methods.ranks import RANK_AGGREGATIONS
 
 
 class FedIT(FederatedMethod):
@@ -12,3 +13,4 @@ class FedIT(FederatedMethod):
     label = "FedIT"
     centralised_label = "LoRA"
     trainable = ("lora_A", "lora_B")
+    rank_aggregations = RANK_AGGREGATIONS  # every rule: A and B are both trained

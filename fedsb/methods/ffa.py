@@ -14,3 +14,6 @@ class FFALoRA(FederatedMethod):
     centralised_label = "LoRA (A frozen)"
     trainable = ("lora_B",)
     one_time = ("lora_A",)
+    # Not svd: A is frozen, so the averaged product cannot be refactored. With A shared, pad is exact
+    # in the product: sum_i w_i pad(B_i) A = sum_i w_i B_i A[:r_i].
+    rank_aggregations = ("pad", "rank_aware")

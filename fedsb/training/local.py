@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -55,10 +55,12 @@ def cycle(batches: Iterable[Batch]) -> Iterator[Batch]:
 def train_local(
     model: nn.Module, method: FederatedMethod, batches: Iterable[Batch], steps: int,
     lr: float, optimizer: str = "adamw", max_grad_norm: float | None = None,
+    before_step: Callable[[], None] | None = None,
 ) -> TrainResult:
     """Take `steps` optimiser steps on the tensors the method trains; everything else stays frozen.
 
     The optimiser is created afresh each round (its state is not part of the federated state).
+    `before_step` runs before each step (nested-rank training samples the step's rank there).
     """
     params = set_trainable(model, method.trained)
     opt = make_optimizer(params, optimizer, lr)
@@ -67,6 +69,8 @@ def train_local(
     total_loss, examples = 0.0, 0
     source = cycle(batches)
     for _ in range(steps):
+        if before_step is not None:
+            before_step()
         batch = to_device(next(source), device)
         loss = model(**batch).loss
         opt.zero_grad(set_to_none=True)

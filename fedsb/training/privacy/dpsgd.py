@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from opacus.optimizers import DPOptimizer
@@ -105,7 +105,7 @@ def seeded_generator(seed: int | None, stream: int, device: torch.device | str =
 def train_local_private(
     model: nn.Module, method: FederatedMethod, dataset: Mapping[str, torch.Tensor], steps: int,
     lr: float, ledger: PrivacyLedger, *, optimizer: str = "adamw", seed: int | None = None,
-    report_loss: bool = False,
+    report_loss: bool = False, before_step: Callable[[], None] | None = None,
 ) -> TrainResult:
     """`steps` DP-SGD steps on the tensors the method trains, charged to the client's ledger.
 
@@ -119,7 +119,7 @@ def train_local_private(
     The result's `examples` is the *expected* number of examples (steps * q * n), a public
     number: the actual Poisson count depends on the data and is not released. Likewise `loss`
     (the mean per-example training loss) is NaN unless `report_loss`, since releasing it is not
-    covered by the accounting.
+    covered by the accounting. `before_step` runs before each step (nested ranks sample one there).
     """
     n = len(dataset["input_ids"])
     if n != ledger.num_examples:
@@ -141,6 +141,8 @@ def train_local_private(
         before = [p.detach().clone() for p in stepper.params]
         names = {id(p): name for name, p in model.named_parameters()}
         for indices in sampler:
+            if before_step is not None:
+                before_step()
             index = torch.as_tensor(indices, dtype=torch.long, device=device)
             loss_sum += stepper.step({k: v[index] for k, v in dataset.items()})
             seen += len(indices)
