@@ -26,6 +26,8 @@ from fedsb.ops.interrupts import exit_status, handle_interrupts, signal_name
 from fedsb.ops.launch import add_launch_arguments
 
 if TYPE_CHECKING:  # torch: imported by the commands that need it, when they run
+    from torch import nn
+
     import fedsb.experiment.comm as comm
 
 DEFAULT_RANK = 8
@@ -77,6 +79,10 @@ def _comm_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reference", default=DEFAULT_REFERENCE, choices=method_names(),
                         help="the method that upload and download ratios are taken against "
                              "(default: %(default)s)")
+    parser.add_argument("--client-ranks", metavar="R1,R2,...",
+                        help="clients of different ranks (federation.client_ranks): also print what one "
+                             "client of each rank sends and receives per round, for the methods that "
+                             "take mixed ranks")
     parser.add_argument("--json", action="store_true", help="print every figure as JSON instead of tables")
 
 
@@ -227,12 +233,58 @@ def _comm_run(args: argparse.Namespace) -> int:
     reference = counts.get(args.reference) or comm.count_methods(
         target.model, [args.reference], ranks, targets, args.clients, args.bytes_per_element,
         init_gradients, args.init)[args.reference]
+    by_rank = client_rank_counts(target.model, counts, targets, args)
     if args.json:
         report = {"model": args.model, "task": task, "counts": {m: c.to_dict() for m, c in counts.items()}}
+        if by_rank:
+            report["client_ranks"] = {m: {str(r): c.to_dict() for r, c in per.items()}
+                                      for m, per in by_rank.items()}
         print(json.dumps(report, indent=2))
     else:
         print(format_comm(target, task, targets, counts, reference, args.clients, args.bytes_per_element))
+        if by_rank:
+            print(format_client_ranks(by_rank))
     return 0
+
+
+def client_rank_counts(model: nn.Module, counts: dict[str, comm.CommCounts], targets: list[str] | None,
+                       args: argparse.Namespace) -> dict[str, dict[int, comm.CommCounts]]:
+    """--client-ranks: per method that takes mixed ranks, the counts of one client of each rank."""
+    import fedsb.experiment.comm as comm
+
+    if not args.client_ranks:
+        return {}
+    try:
+        ranks = sorted({int(r) for r in args.client_ranks.split(",") if r.strip()})
+    except ValueError:
+        raise ValueError(f"--client-ranks: got {args.client_ranks!r}; accepted: comma-separated "
+                         "integers") from None
+    out = {}
+    for name, c in counts.items():
+        if not get_method(name).rank_aggregations:
+            continue
+        bad = [r for r in ranks if not 1 <= r <= c.rank]
+        if bad:
+            raise ValueError(f"--client-ranks: {bad} outside 1..{c.rank} (the global rank of {name})")
+        out[name] = {r: comm.count(model, name, c.rank, targets, args.clients, args.bytes_per_element,
+                                   args.init_source == "clients", c.init, client_rank=r) for r in ranks}
+    return out
+
+
+def format_client_ranks(by_rank: dict[str, dict[int, comm.CommCounts]]) -> str:
+    import fedsb.experiment.comm as comm
+
+    out = ["", "Clients of different ranks: one client of rank r_i per round (it exchanges the rank-r_i "
+               "prefix of A and B; fedsb.methods.ranks)"]
+    rows = []
+    for name, per in by_rank.items():
+        for r, c in per.items():
+            rows.append([name, str(c.rank), str(r), _params(c.up), comm.human_bytes(c.bytes("up")),
+                         _params(c.down), comm.human_bytes(c.bytes("down")),
+                         _params(c.init_params("down")), comm.human_bytes(c.init_bytes("down"))])
+    out.append(_table(["method", "global rank", "client rank", "up params", "bytes", "down params", "bytes",
+                       "one-time init", "bytes"], rows, "lrrrrrrrr"))
+    return "\n".join(out)
 
 
 # fedsb demo ----------------------------------------------------------------------------------

@@ -80,6 +80,7 @@ class CommCounts:
     num_clients: int = 1  # K, clients sampled per round: multiplies the all-clients figures
     init: str = "kaiming"  # the adapter init (method.init.name)
     bytes_per_element: int = 4
+    client_rank: int | None = None  # a client holding a lower rank than `rank` (fedsb.methods.ranks)
     per_round: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
     one_time: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
 
@@ -128,6 +129,7 @@ class CommCounts:
         """Every figure as plain numbers (for JSON output and run logs)."""
         out: dict[str, Any] = {
             "method": self.method, "rank": self.rank, "init": self.init, "num_clients": self.num_clients,
+            "client_rank": self.client_rank if self.client_rank is not None else self.rank,
             "bytes_per_element": self.bytes_per_element,
         }
         for d in DIRECTIONS:
@@ -179,8 +181,10 @@ def closed_form(
     num_clients: int = 1,
     head: int | Mapping[str, Sequence[int]] = 0,
     init_gradients: bool = False,
+    client_rank: int | None = None,
 ) -> CommCounts:
-    """Closed-form counts of `method` (its specs and rank), asking its own download/upload.
+    """Closed-form counts of `method` (its specs and rank), asking its own download/upload, for a
+    client of `client_rank` (None: the global rank; a lower one exchanges its rank's prefix).
 
     - down, every round: `method.download(state, first_time=False)` (every global tensor
       except the fixed ones, `method.fixed`; FedEx-LoRA's dense accumulated residual included);
@@ -193,16 +197,18 @@ def closed_form(
         raise ValueError("bytes_per_element and num_clients must be positive")
     # Meta tensors: the methods filter and return them like real ones, at no memory cost.
     state = {k: torch.empty(shape, device="meta") for k, shape in global_state_shapes(method, head).items()}
-    every_round = method.download(state, first_time=False)
-    first = method.download(state, first_time=True)
+    if client_rank is not None and client_rank != method.rank and not method.rank_aggregations:
+        raise ValueError(f"{method.label}'s clients all hold the global rank {method.rank}")
+    every_round = method.download(state, first_time=False, rank=client_rank)
+    first = method.download(state, first_time=True, rank=client_rank)
     once_down = sum(t.numel() for k, t in first.items() if k not in every_round)
     once_up = 0
     if init_gradients and method.init_gradients:
         once_up = sum(spec.out_features * spec.in_features for spec in method.specs.values())
     return CommCounts(
         method=method.name, rank=method.rank, init=method.init.name, num_clients=num_clients,
-        bytes_per_element=bytes_per_element,
-        per_round={"up": _count(method.upload(state)), "down": _count(every_round)},
+        bytes_per_element=bytes_per_element, client_rank=client_rank,
+        per_round={"up": _count(method.upload(state, client_rank)), "down": _count(every_round)},
         one_time={"up": {INIT: once_up} if once_up else {}, "down": {INIT: once_down} if once_down else {}},
     )
 
@@ -239,11 +245,12 @@ def method_for_model(model: nn.Module, method: str, rank: int, targets: Sequence
 
 def count(model: nn.Module, method: str, rank: int, targets: Sequence[str] | None = None,
           num_clients: int = 1, bytes_per_element: int = 4, init_gradients: bool = False,
-          init: str | None = None) -> CommCounts:
+          init: str | None = None, client_rank: int | None = None) -> CommCounts:
     """Closed-form counts of `method` at `rank` on `model` (real or meta), head included, with the
-    named init (None: the method's default)."""
+    named init (None: the method's default), for a client of `client_rank` (None: `rank`)."""
     instance = method_for_model(model, method, rank, targets, init=init)
-    return closed_form(instance, bytes_per_element, num_clients, head_shapes(model), init_gradients)
+    return closed_form(instance, bytes_per_element, num_clients, head_shapes(model), init_gradients,
+                       client_rank)
 
 
 # Models for accounting: shapes only, never weights -----------------------------------------
