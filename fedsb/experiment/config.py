@@ -284,11 +284,15 @@ AUTO_CLIENTS = 8  # federation.num_clients 'auto' under `fedsb run` and `fedsb d
 
 # --- loading, overriding, validating ---------------------------------------------------------
 
+_LIST_NAMES = {str: "a list of strings", int: "a list of integers"}
+
+
 def _accepted(tp: Any) -> str:
     if typing.get_origin(tp) is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     args = typing.get_args(tp) or (tp,)
-    names = [getattr(a, "__name__", str(a)) for a in args]
+    names = [_LIST_NAMES[typing.get_args(a)[0]] if typing.get_origin(a) is list
+             else getattr(a, "__name__", str(a)) for a in args]
     return " or ".join("null" if n == "NoneType" else n for n in names)
 
 
@@ -319,8 +323,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
                 value = [int(v) if v.lstrip("-").isdigit() else v for v in value]
         if not isinstance(value, list) or not all(isinstance(v, item) and not isinstance(v, bool)
                                                   for v in value):
-            raise ConfigError(f"{key}: got {value!r}; accepted: a list of "
-                              + {str: "strings", int: "integers"}[item])
+            raise ConfigError(f"{key}: got {value!r}; accepted: {_LIST_NAMES[item]}")
         return value
     if tp is bool:
         if not isinstance(value, bool):
