@@ -81,7 +81,7 @@ def _check_ranks(c: ExperimentConfig) -> None:
         _require(len(f.client_ranks) == f.num_clients, "federation.client_ranks", f.client_ranks,
                  f"one rank per client ({f.num_clients}) with federation.rank_assignment=per_client")
     mixed = f.client_ranks is not None or c.train.nested_ranks
-    if not mixed and f.rank_aggregation == "pad":
+    if not mixed and f.rank_aggregation == "pad" and c.eval.truncated_ranks is None:
         return
     from fedsb.methods import get_method
 
@@ -91,6 +91,8 @@ def _check_ranks(c: ExperimentConfig) -> None:
              f.client_ranks, f"null {fixed_rank}")
     _require(not c.train.nested_ranks or bool(method.rank_aggregations), "train.nested_ranks",
              c.train.nested_ranks, f"false {fixed_rank}")
+    _require(c.eval.truncated_ranks is None or bool(method.rank_aggregations), "eval.truncated_ranks",
+             c.eval.truncated_ranks, f"null {fixed_rank}: its adapter is not truncated to a rank prefix")
     accepted = ", ".join(repr(a) for a in method.rank_aggregations) or "'pad' (unused)"
     _require(f.rank_aggregation in method.rank_aggregations or f.rank_aggregation == "pad",
              "federation.rank_aggregation", f.rank_aggregation,

@@ -7,6 +7,7 @@ empty column (this module used to read privacy keys no run ever wrote).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,8 @@ def result_fields(run_dir: Path) -> dict[str, Any]:
         "best_val_accuracy": summary.best_val_accuracy, "best_round": summary.best_round,
         "test_accuracy": summary.test_accuracy, "final_test_accuracy": summary.final_test_accuracy,
         "rounds": summary.rounds, "rounds_completed": summary.rounds_completed,
+        "test_accuracy_at_rank": (json.dumps(summary.test_accuracy_at_rank, sort_keys=True)
+                                  if summary.test_accuracy_at_rank else None),
     }
     for d in DIRECTIONS:  # communication: fedsb.experiment.meter.Meter.summary()
         part = summary.communication[d]

@@ -35,7 +35,10 @@ RESULT_FIELDS = (
     # Validation selects the round (best_round); test_accuracy is the test split at that round, the
     # number to report; final_test_accuracy the test split after the last round.
     "initial_val_accuracy", "final_val_accuracy", "best_val_accuracy", "best_round",
-    "test_accuracy", "final_test_accuracy", "rounds", "rounds_completed",
+    "test_accuracy", "final_test_accuracy",
+    # Clients of different ranks: the chosen round's adapter truncated to each rank, JSON {"4": 0.71}
+    "test_accuracy_at_rank",
+    "rounds", "rounds_completed",
     "bytes_up", "bytes_down", "bytes_total", "wire_bytes_up", "wire_bytes_down",
     *(f"bytes_{d}_{c}" for d in DIRECTIONS for c in COMPONENTS),
     "wall_s", "elapsed_s", "run_dir", "finished_at",
