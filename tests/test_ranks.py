@@ -334,3 +334,23 @@ def test_real_flwr_run_with_mixed_ranks_is_the_in_process_run(tmp_path):
         real_summary.pop(name), local_summary.pop(name)
     assert real_summary == local_summary
     assert len(set(real_summary["client_ranks"].values())) > 1  # the clients really differ
+
+
+def test_a_private_client_of_a_lower_rank_trains_and_uploads_its_prefix():
+    """DP-SGD (Opacus) on a rank-2 client inside a rank-8 federation with nested ranks: the upload is the
+    rank-2 prefix, every uploaded tensor moved, and the steps are charged to the client's ledger."""
+    from fedsb.experiment.worker import Worker
+    from fedsb.training.privacy.policy import ledger_for_client
+
+    config = load_config(TINY, {"method.name": "fedit", "method.rank": 8, "federation.client_ranks": [2, 8],
+                                "train.nested_ranks": True, "privacy.enabled": True})
+    worker = Worker(config)
+    state = worker.initial_state()
+    sent = worker.method.download(state, first_time=True, rank=2)
+    ledger = ledger_for_client(config, len(worker.client_tokens(0)["labels"]))
+    upload, result = worker.train_client(0, sent, 1, ledger)
+    assert state_rank(upload) == 2 and result.steps == config.train.local_steps
+    assert ledger.steps == config.train.local_steps
+    worker.method.validate_upload(upload, state, rank=2)
+    for k, v in upload.items():
+        assert not torch.equal(v, sent[k]), k
