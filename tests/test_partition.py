@@ -67,6 +67,19 @@ def test_dirichlet_min_partition_size_and_impossible_cases():
         partition_dataset(tiny, 10, "dirichlet", alpha=0.01, min_partition_size=4, seed=0)
 
 
+def test_impossible_dirichlet_draws_stop_after_the_time_budget(monkeypatch):
+    """Redraws stop once DIRICHLET_RETRY_S has passed (at 10,000 clients a draw takes seconds): here a
+    zero budget stops after the first 10 draws instead of 100."""
+    import fedsb.data.partition as partition
+
+    tiny = synthetic_dataset(40, seed=0)
+    with pytest.raises(DataError, match=r"in 100 draws"):
+        partition_dataset(tiny, 10, "dirichlet", alpha=0.01, min_partition_size=4, seed=0)
+    monkeypatch.setattr(partition, "DIRICHLET_RETRY_S", 0.0)
+    with pytest.raises(DataError, match=r"in 10 draws \(0 s\)"):
+        partition_dataset(tiny, 10, "dirichlet", alpha=0.01, min_partition_size=4, seed=0)
+
+
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_classes_partitions_have_exactly_k_labels(k):
     ds = with_index(synthetic_dataset(1200, seed=0))

@@ -9,6 +9,7 @@ partitioner: `_Prebuilt` hands them the partitions already built.
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +27,7 @@ from flwr_datasets.partitioner import (
 from fedsb.data.schema import LABEL, DataError, check_columns, column
 
 SCHEMES = ("iid", "dirichlet", "classes")
+DIRICHLET_RETRY_S = 30.0  # seeded Dirichlet redraws stop after this long (each draws 10 times)
 
 
 def partition_dataset(
@@ -68,29 +70,8 @@ def partition_dataset(
         if not 1 <= min_partition_size <= len(ds) // num_partitions:
             raise DataError(f"min_partition_size must be in 1..{len(ds) // num_partitions} "
                             f"({len(ds)} examples, {num_partitions} clients), got {min_partition_size}")
-        # Retries with derived seeds (still deterministic): flwr-datasets gives up after 10
-        # draws, which strongly skewed settings (alpha 0.1, many clients) can exhaust.
-        for attempt in range(10):
-            partitioner = DirichletPartitioner(
-                num_partitions, partition_by=label_column, alpha=alpha,
-                min_partition_size=min_partition_size, self_balancing=True, shuffle=True,
-                seed=seed if attempt == 0 else int(np.random.SeedSequence([seed, attempt])
-                                                   .generate_state(1)[0]),
-            )
-            partitioner.dataset = ds
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # flwr warns on every failed draw
-                    partitioner.load_partition(0)
-                break
-            except ValueError:
-                continue
-        else:
-            raise DataError(
-                f"dirichlet partitioning (alpha={alpha}) could not give each of {num_partitions} "
-                f"clients at least {min_partition_size} of {len(ds)} examples ({num_classes} classes); "
-                f"use fewer clients, a larger alpha, more data or a smaller min_partition_size"
-            )
+        partitioner = _dirichlet_partitioner(ds, num_partitions, alpha, min_partition_size, seed,
+                                             label_column)
     else:
         if not 1 <= classes_per_client <= num_classes:
             raise DataError(f"classes_per_client must be in 1..{num_classes} (the dataset's "
@@ -115,6 +96,38 @@ def partition_dataset(
     if empty:  # defensive: every scheme above should prevent this
         raise DataError(f"partitions {empty} are empty; use fewer clients or more data")
     return parts
+
+
+def _dirichlet_partitioner(ds: Dataset, num_partitions: int, alpha: float, min_partition_size: int, seed: int,
+                           label_column: str) -> DirichletPartitioner:
+    """A Dirichlet draw that gives every client at least `min_partition_size` examples, or DataError.
+
+    Retries with derived seeds (still deterministic): flwr-datasets gives up after 10 draws, which
+    strongly skewed settings (alpha 0.1, many clients) can exhaust. A draw over thousands of clients
+    takes seconds, so the retries stop after DIRICHLET_RETRY_S (10,000 clients at alpha 0.5 used to be
+    refused only after 6 minutes of redraws)."""
+    start = time.monotonic()
+    for attempt in range(10):
+        partitioner = DirichletPartitioner(
+            num_partitions, partition_by=label_column, alpha=alpha,
+            min_partition_size=min_partition_size, self_balancing=True, shuffle=True,
+            seed=seed if attempt == 0 else int(np.random.SeedSequence([seed, attempt]).generate_state(1)[0]),
+        )
+        partitioner.dataset = ds
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # flwr warns on every failed draw
+                partitioner.load_partition(0)
+            return partitioner
+        except ValueError:
+            if time.monotonic() - start > DIRICHLET_RETRY_S:
+                break
+    num_classes = len(set(column(ds, label_column)))
+    raise DataError(
+        f"dirichlet partitioning (alpha={alpha}) could not give each of {num_partitions} clients at least "
+        f"{min_partition_size} of {len(ds)} examples ({num_classes} classes) in {10 * (attempt + 1)} draws "
+        f"({time.monotonic() - start:.0f} s); use fewer clients, a larger alpha, more data or a smaller "
+        "min_partition_size")
 
 
 class _Prebuilt(Partitioner):
