@@ -5,6 +5,8 @@ its weight as (in, out)) with weight W0 (out x in, m x n):
 
     LoRA     y = W0 x + s * B (A x)          [+ residual x, FedEx-LoRA]  [- s * B0 (A0 x)]
     LoRA-SB  y = W0 x + s * B (R (A x))
+    Bone, MoRA: subclasses of AdapterLayer with one trained tensor each (fedsb.core.block_adapters),
+    found through `adapter_layer_class(kind)`.
 
 The last term is the base offset of an init that takes its initial product out of the frozen
 weight (PiSSA, OLoRA, LoRA-GA: W_res = W0 - s B0 A0, so the model is unchanged at step 0). It is
