@@ -15,7 +15,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 ARCHS = ("tiny-bert", "tiny-llama", "tiny-gpt2")
-METHOD_NAMES = ("fedit", "ffa", "fedex", "fedsb")
+METHOD_NAMES = ("fedit", "ffa", "fedex", "fedsb", "bone", "mora")
 NUM_LABELS = 3
 
 

@@ -239,11 +239,15 @@ def test_exported_adapter_reproduces_the_final_evaluation(runs, method):
     val_batches = list(iterate_batches(worker.validation_tokens, 32, shuffle=False))
     test_batches = list(iterate_batches(worker.test_tokens, 32, shuffle=False))
     base = load_model("tiny-bert", task="classification", num_labels=4, seed=0)
-    peft_model = PeftModel.from_pretrained(base, run_dir / "adapter")
+    peft_model = PeftModel.from_pretrained(base, run_dir / "adapter") if method != "mora" else None
     if method == "fedex":  # the residual is dense: the exact model is the merged one
         exact = AutoModelForSequenceClassification.from_pretrained(run_dir / "merged")
         assert "NOT the trained model" in (run_dir / "adapter" / "FEDSB_README.md").read_text()
-    else:
+    elif method == "mora":  # PEFT has no MoRA: the export is the merged model alone
+        assert not (run_dir / "adapter").exists()
+        exact = AutoModelForSequenceClassification.from_pretrained(run_dir / "merged")
+        assert "PEFT has no MoRA" in (run_dir / "merged" / "FEDSB_README.md").read_text()
+    else:  # a PEFT adapter: LoRA, or MiSS for Bone
         exact = peft_model
     result = evaluate(exact, val_batches)
     assert result["accuracy"] == final["val_accuracy"]

@@ -469,7 +469,9 @@ def test_each_method_accepts_the_inits_of_its_adapter_kind():
         assert get_method(method_name).accepted_inits() == list(LORA_INITS)
         assert get_method(method_name).init_for(None).name == "kaiming"
     assert get_method("fedsb").accepted_inits() == ["lora_sb"]
-    assert set(INITS) == {*LORA_INITS, "lora_sb"}
+    assert get_method("bone").accepted_inits() == ["bone_zeros"]
+    assert get_method("mora").accepted_inits() == ["mora_zeros"]
+    assert set(INITS) == {*LORA_INITS, "lora_sb", "bone_zeros", "mora_zeros"}
     assert [n for n, c in INITS.items() if c.local] == ["olora", "pissa"]
     assert [n for n, c in INITS.items() if c.needs_gradients] == ["lora_ga", "lora_sb"]
     assert all(c.paper for c in INITS.values())

@@ -15,6 +15,7 @@ from fedsb.core.adapters import (
     component_of,
     effective_weights,
     extract_state,
+    frozen_base_parameters,
     load_state,
     merge_adapters,
 )
@@ -25,7 +26,7 @@ from fedsb.training.local import train_local
 
 RANK, ALPHA = 4, 8.0
 CLIENT_WEIGHTS = (10.0, 30.0, 60.0)  # numbers of examples; normalised to 0.1, 0.3, 0.6
-EXACT = ("ffa", "fedex", "fedsb")
+EXACT = ("ffa", "fedex", "fedsb", "bone", "mora")
 
 
 def setup(arch: str, method_name: str, dtype: torch.dtype = torch.float32):
@@ -91,7 +92,8 @@ def test_aggregation_is_exact_over_a_bfloat16_base(method_name):
     and the aggregation stay float32, so exact methods stay exact (tiny Llama)."""
     model, method, global_state = setup("tiny-llama", method_name, dtype=torch.bfloat16)
     layer = model.get_submodule(next(iter(method.specs)))
-    assert layer.base.weight.dtype == torch.bfloat16 and layer.lora_A.weight.dtype == torch.float32
+    assert layer.base.weight.dtype == torch.bfloat16
+    assert all(layer.component(c).dtype == torch.float32 for c in layer.held())
     assert all(v.dtype == torch.float32 for v in global_state.values())
     uploads, client_weights = train_clients(model, method, global_state)
     assert all(v.dtype == torch.float32 for u in uploads for v in u.values())
@@ -139,8 +141,8 @@ def test_identical_clients_aggregate_to_their_state(arch, method_name):
 
 def test_local_steps_change_every_trainable_and_no_frozen_tensor(arch, method_name):
     model, method, global_state = setup(arch, method_name)
-    base_before = {n: p.detach().clone() for n, p in model.named_parameters()
-                   if ".lora_" not in n and not n.startswith(("classifier", "score"))}
+    base_before = {n: p.detach().clone() for n, p in frozen_base_parameters(model).items()}
+    assert base_before and not any(n.startswith(("classifier", "score")) for n in base_before)
     # Two steps: with LoRA's B = 0, A's gradient is zero in the very first step.
     train_local(model, method, [random_batch(1)], steps=2, lr=1e-2)
     after = extract_state(model)
@@ -219,6 +221,6 @@ def test_weights_are_normalised_by_examples():
 
 
 def test_registry_names_every_method():
-    assert set(METHODS) == {"fedit", "ffa", "fedex", "fedsb"}
+    assert set(METHODS) == {"fedit", "ffa", "fedex", "fedsb", "bone", "mora"}
     with pytest.raises(ValueError, match="accepted: fedit, ffa, fedex, fedsb"):
         get_method("fedavg")

@@ -5,6 +5,8 @@ its weight as (in, out)) with weight W0 (out x in, m x n):
 
     LoRA     y = W0 x + s * B (A x)          [+ residual x, FedEx-LoRA]  [- s * B0 (A0 x)]
     LoRA-SB  y = W0 x + s * B (R (A x))
+    Bone, MoRA: subclasses of AdapterLayer with one trained tensor each (fedsb.core.block_adapters),
+    found through `adapter_layer_class(kind)`.
 
 The last term is the base offset of an init that takes its initial product out of the frozen
 weight (PiSSA, OLoRA, LoRA-GA: W_res = W0 - s B0 A0, so the model is unchanged at step 0). It is
@@ -37,7 +39,9 @@ from fedsb.core.models import find_head_modules, weight_shape
 
 State = dict[str, torch.Tensor]
 
-COMPONENTS = ("lora_A", "lora_B", "lora_R", "residual", "lora_A0", "lora_B0")
+COMPONENTS = ("lora_A", "lora_B", "lora_R", "residual", "lora_A0", "lora_B0",
+              # the block adapters' trained tensors (fedsb.core.block_adapters): Bone's b x b blocks, MoRA's M
+              "bone_block", "mora_M")
 # The base offset's factors, and the adapter component each one starts equal to (B0 = B at step 0).
 OFFSET_COMPONENTS = ("lora_A0", "lora_B0")
 INITIAL_VALUE_OF = {"lora_A0": "lora_A", "lora_B0": "lora_B"}
@@ -82,6 +86,11 @@ def key(module: str, component: str) -> str:
 class AdapterLayer(nn.Module):
     """A frozen linear layer plus a LoRA or LoRA-SB adapter (optionally a dense residual, and the
     base offset s B0 A0 of an init that takes its product out of the frozen weight)."""
+
+    # The components a layer of this class holds and their shapes, where the class declares them
+    # (the block adapters do); None for LoRA and LoRA-SB, whose components also depend on the method's
+    # residual and init (FederatedMethod.held, FederatedMethod.component_shapes).
+    components: tuple[str, ...] | None = None
 
     def __init__(self, base: nn.Module, rank: int, scale: float, kind: str, residual: bool = False,
                  offset: bool = False):
@@ -138,8 +147,11 @@ class AdapterLayer(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         """The adapter's contribution to the effective weight, out x in."""
-        return delta_weight({c: self.component(c) for c in COMPONENTS if getattr(self, c) is not None},
-                            self.scale, self.conv1d)
+        return delta_weight({c: self.component(c) for c in self.held()}, self.scale, self.conv1d)
+
+    def held(self) -> tuple[str, ...]:
+        """The components this layer holds (its state keys' components)."""
+        return tuple(c for c in COMPONENTS if getattr(self, c, None) is not None)
 
     def component(self, name: str) -> torch.Tensor:
         """One component's tensor: an nn.Linear weight (A, B, R) or a buffer (residual, B0, A0)."""
@@ -183,7 +195,7 @@ def inject_adapters(
         base = getattr(parent, child)
         if isinstance(base, AdapterLayer):
             raise ValueError(f"module {name} already has an adapter")
-        setattr(parent, child, AdapterLayer(base, rank, alpha / rank, kind, residual, offset))
+        setattr(parent, child, adapter_layer_class(kind)(base, rank, alpha / rank, kind, residual, offset))
     return target_specs(model, targets)
 
 
@@ -191,6 +203,19 @@ def set_active_rank(model: nn.Module, rank: int | None) -> None:
     """Use only the first `rank` components of every adapter (None: all of them)."""
     for layer in adapter_layers(model).values():
         layer.active_rank = rank
+
+
+def adapter_layer_class(kind: str) -> type[AdapterLayer]:
+    """The layer class of an adapter kind: AdapterLayer for LoRA and LoRA-SB, else a block adapter's."""
+    if kind in ADAPTER_KINDS:
+        return AdapterLayer
+    # Imported here: the block adapters build on this module.
+    from fedsb.core.block_adapters import BLOCK_LAYERS
+
+    if kind not in BLOCK_LAYERS:
+        accepted = ", ".join((*ADAPTER_KINDS, *BLOCK_LAYERS))
+        raise ValueError(f"unknown adapter kind {kind!r}; accepted: {accepted}")
+    return BLOCK_LAYERS[kind]
 
 
 def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
@@ -201,9 +226,8 @@ def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every state tensor of the model's adapters and head, by state key (no copies)."""
     tensors: dict[str, torch.Tensor] = {}
     for name, layer in adapter_layers(model).items():
-        for component in COMPONENTS:
-            if getattr(layer, component) is not None:
-                tensors[key(name, component)] = layer.component(component)
+        for component in layer.held():
+            tensors[key(name, component)] = layer.component(component)
     for head in find_head_modules(model):
         for pname, param in model.get_submodule(head).named_parameters():
             tensors[f"{head}.{pname}"] = param

@@ -1,5 +1,6 @@
 """Adapter initialisations, one function each: LoRA's Kaiming (and FFA-LoRA's shared seed), OLoRA,
-PiSSA, LoRA-GA, and LoRA-SB; `adapter_init` computes the one a config names.
+PiSSA, LoRA-GA, LoRA-SB, and the block adapters' zeros (Bone, MoRA); `adapter_init` computes the one
+a config names.
 
 What each init is computed from and costs is declared in `fedsb.core.init_choices`. The inits
 computed from matrices (weights or gradients) factor them in float64 and fix the sign of each
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from fedsb.core.adapters import AdapterLayer, ModuleSpec, State, key
+from fedsb.core.adapters import AdapterLayer, ModuleSpec, State, adapter_layer_class, key
 from fedsb.core.init_choices import InitChoice
 
 # Above this size (min(m, n)) the truncated SVD is computed by a randomized range finder.
@@ -38,6 +39,13 @@ def lora_init(specs: Mapping[str, ModuleSpec], rank: int, generator: torch.Gener
         state[key(name, "lora_A")] = a
         state[key(name, "lora_B")] = torch.zeros(spec.out_features, rank)
     return state
+
+
+def zeros_init(specs: Mapping[str, ModuleSpec], rank: int, kind: str) -> State:
+    """Every component of a block adapter (Bone, MoRA) at zero, as their papers: dW = 0 at step 0."""
+    layer = adapter_layer_class(kind)
+    return {key(name, c): torch.zeros(shape) for name, spec in specs.items()
+            for c, shape in layer.shapes(spec, rank).items()}
 
 
 def ffa_init(specs: Mapping[str, ModuleSpec], rank: int, seed: int) -> State:
@@ -241,6 +249,8 @@ _BUILDERS: dict[str, Callable[[InitInputs], State]] = {
     "pissa": lambda i: pissa_init(i.need("weights", "pissa"), i.rank, i.scale, i.generator),
     "lora_ga": lambda i: lora_ga_init(i.need("gradients", "lora_ga"), i.rank, i.generator),
     "lora_sb": _lora_sb,
+    "bone_zeros": lambda i: zeros_init(i.specs, i.rank, "bone"),
+    "mora_zeros": lambda i: zeros_init(i.specs, i.rank, "mora"),
 }
 
 

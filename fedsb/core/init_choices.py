@@ -2,7 +2,8 @@
 
 Torch-free declarations, so that the config can be validated without loading torch; the functions
 that compute each init are in `fedsb.core.init`. A method accepts the inits of its adapter kind
-(`FederatedMethod.accepted_inits`): the LoRA-based methods the four LoRA inits, Fed-SB LoRA-SB.
+(`FederatedMethod.accepted_inits`): the LoRA-based methods the four LoRA inits, Fed-SB LoRA-SB, Bone
+and MoRA their papers' zeros (the model starts as the pretrained one).
 
 What an init is computed from decides what it costs in a federation (docs/architecture.md section 3):
 - `seed`: random, from the run's seed (LoRA's Kaiming-uniform A); no data, nothing private.
@@ -26,7 +27,7 @@ class InitChoice:
 
     name: str  # the config's method.init.name
     label: str  # how tables and figures name it
-    adapter_kind: str  # the adapter it initialises: 'lora' (B A) or 'lora_sb' (B R A)
+    adapter_kind: str  # the adapter it initialises: 'lora' (B A), 'lora_sb' (B R A), 'bone' or 'mora'
     computed_from: ComputedFrom
     # Whether the init's product is taken out of the frozen weight, W_res = W0 - s B0 A0, so that the
     # model is unchanged at step 0 (the adapter layer keeps B0 and A0: fedsb.core.adapters).
@@ -61,6 +62,11 @@ INITS: dict[str, InitChoice] = {c.name: c for c in (
     InitChoice("lora_sb", "LoRA-SB", "lora_sb", "gradients", offsets_base=False,
                paper="Ponkshe et al. 2024, Initialization using Update Approximation is a Silver Bullet "
                      "for Extreme Efficient Low-Rank Fine-Tuning (arXiv:2411.19557)"),
+    InitChoice("bone_zeros", "zeros", "bone", "seed", offsets_base=False,
+               paper="Kang 2024, Bone: Block-Affine Adaptation of Large Language Models (arXiv:2409.15371)"),
+    InitChoice("mora_zeros", "zeros", "mora", "seed", offsets_base=False,
+               paper="Jiang et al. 2024, MoRA: High-Rank Updating for Parameter-Efficient Fine-Tuning "
+                     "(arXiv:2405.12130)"),
 )}
 
 

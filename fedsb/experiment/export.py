@@ -1,4 +1,6 @@
-"""The final global adapter in PEFT LoRA format (`run_dir/adapter`), loadable by `PeftModel`."""
+"""The final global adapter in PEFT format (`run_dir/adapter`), loadable by `PeftModel`: LoRA, or the
+method's own (Bone: MiSS), or, where PEFT has no such adapter (MoRA), the exact merged model
+(`run_dir/merged`)."""
 
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ def peft_lora_tensors(method: FederatedMethod, state: State) -> dict[str, dict[s
 @torch.no_grad()
 def export_adapter(run_dir: Path, base_model: nn.Module, method: FederatedMethod, state: State,
                    task: str) -> Path:
-    """Write the global adapter in PEFT LoRA format to run_dir/adapter (loadable by PeftModel).
+    """Write the global adapter in PEFT LoRA format to run_dir/adapter (loadable by PeftModel), unless
+    the method writes its own export (`write_export`: another PEFT adapter type, or the merged model).
 
     `base_model` must be a freshly loaded base model without fedsb adapters; it is modified.
     The adapter is relative to the original base weights, also after an init that took its product
@@ -29,6 +32,10 @@ def export_adapter(run_dir: Path, base_model: nn.Module, method: FederatedMethod
     low-rank, the exact model (base + residual + BA, merged) is also saved to run_dir/merged with
     save_pretrained.
     """
+    own = method.write_export(run_dir, base_model, state, task)
+    if own is not None:  # its note says how to load it
+        (own / "FEDSB_README.md").write_text(_export_note(method, loads_as_peft=False))
+        return own
     from peft import LoraConfig, TaskType, get_peft_model
 
     heads = find_head_modules(base_model)
@@ -61,7 +68,8 @@ def export_adapter(run_dir: Path, base_model: nn.Module, method: FederatedMethod
     return out
 
 
-def _export_note(method: FederatedMethod) -> str:
+def _export_note(method: FederatedMethod, loads_as_peft: bool = True) -> str:
     return (f"# fedsb export: method {method.name}, init {method.init.name}, rank {method.rank}, "
             f"alpha {method.alpha}\n\n"
-            "Load with `PeftModel.from_pretrained(base_model, this_dir)`.\n" + method.export_note())
+            + ("Load with `PeftModel.from_pretrained(base_model, this_dir)`.\n" if loads_as_peft else "")
+            + method.export_note())

@@ -20,6 +20,7 @@ from datasets.utils.logging import disable_progress_bar, enable_progress_bar, is
 from transformers import AutoConfig, PreTrainedModel
 
 import fedsb.experiment.comm as comm
+from fedsb.core.adapters import target_specs
 from fedsb.core.models import (
     DEFAULT_MODEL,
     ENCODERS,
@@ -245,6 +246,9 @@ def _check_plan(config: ExperimentConfig) -> Plan:
     targets = _targets(config, model)
     shapes = _check_rank(config, model, targets)
     method = get_method(config.method.name)
+    problem = method.shape_problem(target_specs(model, targets), config.method.rank)
+    if problem:  # e.g. Bone's block size must divide every target's dimensions
+        raise CheckError(f"method.rank: got {config.method.rank}; accepted: {problem}")
     init_gradients = (method.needs_init_gradients(config.method.init.name)
                       and config.method.init.source == "clients")
     cohort = config.clients_per_round()

@@ -25,6 +25,8 @@ _REGISTRY: dict[str, Any] = {
     "ffa": "fedsb.methods.ffa:FFALoRA",
     "fedex": "fedsb.methods.fedex:FedExLoRA",
     "fedsb": "fedsb.methods.fedsb:FedSB",
+    "bone": "fedsb.methods.bone:Bone",
+    "mora": "fedsb.methods.mora:MoRA",
 }
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -27,6 +28,7 @@ from fedsb.core.adapters import (
     OFFSET_COMPONENTS,
     ModuleSpec,
     State,
+    adapter_layer_class,
     base_weights,
     component_of,
     delta_weight,
@@ -131,6 +133,9 @@ class FederatedMethod:
     @property
     def held(self) -> tuple[str, ...]:
         """The components a client's adapter layers hold (the global state's, less the head)."""
+        declared = adapter_layer_class(self.adapter_kind).components
+        if declared is not None:  # a block adapter's (fedsb.core.block_adapters)
+            return declared
         held = ["lora_A", "lora_B", *(["lora_R"] if self.adapter_kind == "lora_sb" else [])]
         held += ["residual"] if self.residual else []
         held += list(OFFSET_COMPONENTS) if self.init.offsets_base else []
@@ -279,6 +284,21 @@ class FederatedMethod:
                      "NOT the trained model: ../merged/ holds the exact merged model (save_pretrained).\n")
         return note
 
+    @classmethod
+    def shape_problem(cls, specs: Mapping[str, ModuleSpec], rank: int) -> str | None:
+        """What method.rank must be, if the target modules' shapes rule this one out (else None); LoRA's
+        bound, rank <= the smaller dimension, is checked for every method by the run's plan."""
+        layer = adapter_layer_class(cls.adapter_kind)
+        if layer.components is None:
+            return None
+        return next(filter(None, (layer.shape_problem(spec, rank) for spec in specs.values())), None)
+
+    def write_export(self, run_dir: Path, base_model: nn.Module, state: State, task: str) -> Path | None:
+        """Write this method's own export where it is not a PEFT LoRA adapter (another PEFT adapter type,
+        or the exact merged model) and return its directory; None: `fedsb.experiment.export` writes the
+        PEFT LoRA adapter (`peft_lora_pair`)."""
+        return None
+
     def parameters_per_round(self) -> int:
         """Adapter parameters one client uploads per round (closed form; head excluded)."""
         return sum(math.prod(shape) for shape in self.component_shapes(self.trainable).values())
@@ -286,7 +306,12 @@ class FederatedMethod:
     def component_shapes(self, components: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
         """Shapes of the given adapter components for every module, by state key."""
         shapes = {}
+        layer = adapter_layer_class(self.adapter_kind)
         for name, spec in self.specs.items():
+            if layer.components is not None:  # a block adapter declares its shapes
+                declared = layer.shapes(spec, self.rank)
+                shapes.update({key(name, c): declared[c] for c in components if c in declared})
+                continue
             m, n, r = spec.out_features, spec.in_features, self.rank
             all_shapes = {"lora_A": (r, n), "lora_B": (m, r), "residual": spec.weight_layout,
                           "lora_A0": (r, n), "lora_B0": (m, r)}

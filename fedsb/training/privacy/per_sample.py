@@ -4,12 +4,13 @@
 `grad_sample_hooks` attaches Opacus's `GradSampleHooks` to the model in place for one call and
 leaves no trace of Opacus afterwards (the model is shared by many virtual clients of one process
 and never copied); `per_sample_gradients` puts the two together. A grad-sampler rule for
-transformers' Conv1D (GPT-2) is registered with Opacus on import.
+transformers' Conv1D (GPT-2), and one for Bone's per-block-row maps, are registered with Opacus on
+import (MoRA's M is an nn.Linear: Opacus's own rule).
 
 Opacus internals: the cleanup deletes the attributes Opacus's hooks leave on parameters and
-modules (`grad_sample`, `summed_grad`, `activations`, `max_batch_len`), and the Conv1D rule is
-registered only if `GradSampleHooks.GRAD_SAMPLERS` lacks one. Hence the upper bound on opacus in
-pyproject.toml.
+modules (`grad_sample`, `summed_grad`, `activations`, `max_batch_len`), and the Conv1D and
+BlockLinear rules are registered only if `GradSampleHooks.GRAD_SAMPLERS` lacks them. Hence the upper
+bound on opacus in pyproject.toml.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from fedsb.core.adapters import set_trainable
+from fedsb.core.block_adapters import BlockLinear
 from fedsb.methods.base import FederatedMethod
 
 Batch = Mapping[str, torch.Tensor]
@@ -46,6 +48,17 @@ if Conv1D not in GradSampleHooks.GRAD_SAMPLERS:
         if layer.bias is not None and layer.bias.requires_grad:
             out[layer.bias] = torch.einsum("n...k->nk", backprops)
         return out
+
+
+# Bone's blocks (fedsb.core.block_adapters.BlockLinear): z[..., a, j, :] = B_a x_j, so the gradient of
+# B_a sums backprop_{a,j} x_j^T over chunks j and positions. Without a rule Opacus would fall back to
+# functorch (a deep copy of the layer per call).
+if BlockLinear not in GradSampleHooks.GRAD_SAMPLERS:
+    @register_grad_sampler(BlockLinear)
+    def _block_linear_grad_sample(layer: BlockLinear, activations: list[torch.Tensor], backprops: torch.Tensor
+                                  ) -> dict[nn.Parameter, torch.Tensor]:
+        chunks = activations[0].to(backprops.dtype)  # (B, ..., J, b)
+        return {layer.weight: torch.einsum("n...ajk,n...jl->nakl", backprops, chunks)}
 
 
 # --- per-example losses --------------------------------------------------------------------------
