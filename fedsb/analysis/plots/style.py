@@ -35,6 +35,7 @@ METHOD_MARKERS = ("s", "^", "D", "o", "v", "P", "X")
 UNKNOWN_METHOD_STYLE = (OKABE_ITO["black"], "x")
 COMPONENT_COLORS = {"lora_A": OKABE_ITO["orange"], "lora_B": OKABE_ITO["sky_blue"],
                     "lora_R": OKABE_ITO["green"], "residual": OKABE_ITO["purple"],
+                    "bone_block": OKABE_ITO["vermillion"], "mora_M": OKABE_ITO["green"],
                     "head": OKABE_ITO["blue"], "init": OKABE_ITO["yellow"]}
 LINESTYLES = ("-", "--", "-.", ":")
 METRICS = {  # the accuracy of the sweep figures and the frontier (--metric), as an axis label

@@ -21,7 +21,7 @@ INVALID_CONFIG = "invalid config"  # the cell's config did not validate: nothing
 ERROR = "error"  # run_simulation raised (e.g. the SuperLink did not start)
 INTERRUPTED = "interrupted"  # Ctrl-C or SIGTERM stopped the cell's run (and the sweep); rerun next time
 # Same order as fedsb.experiment.comm.METER_COMPONENTS (importing fedsb.experiment.comm would load torch).
-COMPONENTS = ("lora_A", "lora_B", "lora_R", "residual", "head", "init")
+COMPONENTS = ("lora_A", "lora_B", "lora_R", "residual", "bone_block", "mora_M", "head", "init")
 DIRECTIONS = ("up", "down")
 RESULT_FIELDS = (
     "status", "error", "method",
