@@ -566,7 +566,7 @@ def test_every_shipped_sweep_starts_with_its_command_and_every_cell_validates():
                 assert str(err).startswith("data.source: got") and on_sst2, (path, err)
         sizes[path.stem] = spec.cells()
     assert {name: len(cells) for name, cells in sizes.items()} == {
-        "comm": 12, "hetero_ranks": 21, "inits": 25, "paper_private": 10, "privacy": 16, "sst2": 19}
+        "comm": 12, "hetero_ranks": 28, "inits": 25, "paper_private": 10, "privacy": 16, "sst2": 19}
     # SST-2 (successive halving): every lr of every method on seed 0, one lr per setting on seeds 1, 2.
     sst2 = sizes["sst2"]
     setting = lambda c: (c.overrides["method.name"], c.overrides.get("federation.centralised", False))  # noqa: E731
@@ -704,3 +704,25 @@ def test_tune_seeds_chooses_on_those_seeds_and_reports_every_seed_of_the_choice(
                          ({"key": "train.lr", "every": 1}, "tune.every: unknown key")):
         with pytest.raises(SweepError, match=message):
             load_sweep(write_sweep(tmp_path / "b.yaml", {"train.lr": [0.001], "seed": [0]}, tune=bad))
+
+
+def test_tuned_groups_carry_the_truncated_accuracies_of_their_chosen_cells():
+    """Clients of different ranks: each chosen cell's test_accuracy_at_rank (JSON in sweep.csv) becomes a
+    mean and std per rank in the tuned group, tuned.csv and the report's tuned table."""
+    from fedsb.analysis.plots.report import tuned_section
+
+    def row(lr, seed, val, at_rank):
+        return _row(f"seed={seed} method.name=fedit train.lr={lr}", seed=str(seed), **{
+            "method.name": "fedit", "train.lr": str(lr), "best_val_accuracy": str(val),
+            "test_accuracy": "0.8", "final_test_accuracy": "0.8",
+            "test_accuracy_at_rank": json.dumps(at_rank)})
+
+    rows = [row(0.001, 0, 0.80, {"4": 0.70, "16": 0.9}), row(0.003, 0, 0.70, {"4": 0.1, "16": 0.1}),
+            row(0.001, 1, 0.75, {"4": 0.74, "16": 0.8})]
+    (group,) = tuning.tune_results(rows, ["seed", "method.name", "train.lr"], "train.lr", select_seeds=[0])
+    assert list(group.test_accuracy_at_rank) == ["4", "16"]  # ranks in numeric order
+    assert group.test_accuracy_at_rank["4"].mean == pytest.approx(0.72, abs=1e-12)
+    assert group.test_accuracy_at_rank["4"].std == pytest.approx(statistics.stdev([0.70, 0.74]), abs=1e-12)
+    assert json.loads(tuning.tuned_row(group)["test_accuracy_at_rank_mean"]) == {"4": 0.72, "16": 0.85}
+    table = "\n".join(tuned_section([group]))
+    assert "truncated to rank 4" in table and "0.720 ± 0.028" in table

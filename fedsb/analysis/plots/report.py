@@ -67,14 +67,19 @@ def tuned_section(groups: Sequence[TunedGroup]) -> list[str]:
     if not groups:
         return []
     tune = groups[0].tune_key
+    # Clients of different ranks: the chosen adapters truncated to each rank, a column per rank.
+    ranks = sorted({r for g in groups for r in g.test_accuracy_at_rank}, key=int)
     rows = []
     for g in groups:
         failed = g.chosen.failed if g.chosen else 0
         rows.append([g.label, g.chosen.value if g.chosen else "–", f"{g.seeds}" + (f" ({failed} failed)"
                      if failed else ""), _fmt(g.val_accuracy.mean), mean_std_text(g.test_accuracy),
+                     *(mean_std_text(g.test_accuracy_at_rank[r]) if r in g.test_accuracy_at_rank else "–"
+                       for r in ranks),
                      mean_std_text(g.final_test_accuracy), human_bytes(g.bytes_up.mean),
                      human_bytes(g.bytes_down.mean), human_bytes(g.bytes_total.mean)])
     header = ["setting", f"chosen {tune}", "seeds", "val accuracy (mean)", "test accuracy (mean ± std)",
+              *(f"truncated to rank {r}" for r in ranks),
               "final-round test accuracy (mean ± std)", "bytes up", "bytes down", "bytes total"]
     seeds = groups[0].select_seeds
     over = (f"on seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))} (every value ran there; "

@@ -18,6 +18,8 @@ federated result, and is labelled so (setting_label), by its run's `method_label
 from __future__ import annotations
 
 import csv
+import dataclasses
+import json
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -32,7 +34,9 @@ TUNED_FIELDS = (
     "group", "method", "method_label", "rank", "centralised", "tune_key", "tune_value", "seeds",
     "seeds_failed", "val_accuracy_mean", "test_accuracy_mean", "test_accuracy_std",
     "final_test_accuracy_mean", "final_test_accuracy_std", "bytes_up_mean", "bytes_down_mean",
-    "bytes_total_mean", "elapsed_s_mean", "candidates",
+    "bytes_total_mean", "elapsed_s_mean",
+    "test_accuracy_at_rank_mean",  # clients of different ranks: {"4": mean over seeds, ...} (JSON)
+    "candidates",
 )
 
 
@@ -92,6 +96,8 @@ class TunedGroup:
     bytes_down: Stat = Stat()
     bytes_total: Stat = Stat()
     elapsed_s: Stat = Stat()
+    # The chosen cells' adapters truncated to each rank (summary.json test_accuracy_at_rank), by rank.
+    test_accuracy_at_rank: dict[str, Stat] = dataclasses.field(default_factory=dict)
     select_seeds: tuple[int, ...] | None = None  # the seeds whose validation chose (None: every seed)
 
     @property
@@ -181,7 +187,18 @@ def _tune_group(grid: dict[str, str], rows: list[Mapping[str, Any]], varied: Seq
                       bytes_up=Stat.of(_values(done, "bytes_up")),
                       bytes_down=Stat.of(_values(done, "bytes_down")),
                       bytes_total=Stat.of(_values(done, "bytes_total") or totals),
-                      elapsed_s=Stat.of(_values(done, "elapsed_s")))
+                      elapsed_s=Stat.of(_values(done, "elapsed_s")),
+                      test_accuracy_at_rank=_at_rank(done))
+
+
+def _at_rank(rows: Sequence[Mapping[str, Any]]) -> dict[str, Stat]:
+    """rank -> Stat of the rows' test_accuracy_at_rank (JSON text in sweep.csv), ranks in order."""
+    by_rank: dict[str, list[float]] = {}
+    for row in rows:
+        text = row.get("test_accuracy_at_rank")
+        for rank, accuracy in (json.loads(text) if text else {}).items():
+            by_rank.setdefault(rank, []).append(float(accuracy))
+    return {rank: Stat.of(by_rank[rank]) for rank in sorted(by_rank, key=int)}
 
 
 def in_grid_order(rows: Iterable[Mapping[str, Any]], labels: Sequence[str]) -> list[Mapping[str, Any]]:
@@ -204,7 +221,13 @@ def tuned_row(group: TunedGroup) -> dict[str, Any]:
             "final_test_accuracy_mean": group.final_test_accuracy.mean,
             "final_test_accuracy_std": group.final_test_accuracy.std, "bytes_up_mean": group.bytes_up.mean,
             "bytes_down_mean": group.bytes_down.mean, "bytes_total_mean": group.bytes_total.mean,
-            "elapsed_s_mean": group.elapsed_s.mean, "candidates": candidates}
+            "elapsed_s_mean": group.elapsed_s.mean,
+            "test_accuracy_at_rank_mean": _at_rank_text(group.test_accuracy_at_rank),
+            "candidates": candidates}
+
+
+def _at_rank_text(by_rank: Mapping[str, Stat]) -> str | None:
+    return json.dumps({r: round(v.mean, 6) for r, v in by_rank.items()}) if by_rank else None
 
 
 def write_tuned(path: Path, groups: Sequence[TunedGroup]) -> None:
