@@ -312,15 +312,18 @@ def test_nested_ranks_make_truncation_cheaper():
 
 
 @pytest.mark.slow
-def test_real_flwr_run_with_mixed_ranks_is_the_in_process_run(tmp_path):
-    """Through `flwr run`, clients of ranks 2, 4 and 8 (FlexLoRA's svd, nested-rank training) exchange
-    their own prefixes: the run equals the in-process one to the bit."""
+@pytest.mark.parametrize(("method", "rule", "nested"), [("fedit", "svd", True), ("ffa", "rank_aware", False),
+                                                        ("fedex", "pad", True)])
+def test_real_flwr_run_with_mixed_ranks_is_the_in_process_run(tmp_path, method, rule, nested):
+    """Through `flwr run`, clients of ranks 2, 4 and 8 exchange their own prefixes, under each LoRA
+    method (each with one of the rules, with or without nested ranks): the run equals the in-process
+    one to the bit."""
     from fedsb.experiment.run_config import format_override_list
     from fedsb.ops.launch import run_simulation
     from server.app import APP_DIR
 
-    overrides = {"method.name": "fedit", "method.rank": 8, "federation.client_ranks": [2, 4, 8],
-                 "federation.rank_aggregation": "svd", "train.nested_ranks": True}
+    overrides = {"method.name": method, "method.rank": 8, "federation.client_ranks": [2, 4, 8],
+                 "federation.rank_aggregation": rule, "train.nested_ranks": nested}
     lines: list[str] = []
     outcome = run_simulation(APP_DIR / TINY, {"output_dir": str(tmp_path / "flwr"), **overrides},
                              echo=lines.append)
