@@ -61,6 +61,7 @@ class PrivacyBudget(Strategy):
                                       message_type=message.metadata.message_type,
                                       group_id=message.metadata.group_id)
                 self.restore.discard(pid)
+        self.strategy.expect(server_round, messages)
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
@@ -68,7 +69,7 @@ class PrivacyBudget(Strategy):
         round_log = self.strategy.rounds[server_round]
         passed = []
         for reply in replies:
-            pid = self.strategy.partition_of.get(reply.metadata.src_node_id)
+            pid = self.strategy.sender_of(server_round, reply)
             if pid is None or not reply.has_content() or METRICS_RECORD not in reply.content.metric_records:
                 passed.append(reply)  # the wrapped strategy rejects it with its reason
                 continue

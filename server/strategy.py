@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 from flwr.supercore import log
@@ -96,6 +97,7 @@ class FedsbStrategy(FedAvg):
         self.skipped_in_a_row = 0
         # Partition id -> the rank of the adapter it holds (fedsb.methods.ranks); absent: the global rank.
         self.client_ranks = dict(client_ranks or {})
+        self.outbox: dict[int, list[Message]] = {}  # round -> the training messages sent (see sender_of)
 
     def rank_of(self, pid: int) -> int | None:
         rank = self.client_ranks.get(pid)
@@ -131,7 +133,25 @@ class FedsbStrategy(FedAvg):
             self.resend.discard(pid)
             messages.append(Message(content, dst_node_id=self.nodes[pid], message_type=MessageType.TRAIN,
                                     group_id=str(server_round)))
+        self.expect(server_round, messages)
         return messages
+
+    def expect(self, server_round: int, messages: list[Message]) -> None:
+        """The training messages really sent this round (a wrapper that replaces some says so here)."""
+        self.outbox[server_round] = list(messages)
+
+    def sender_of(self, server_round: int, reply: Message) -> int | None:
+        """The partition a training reply answers for: the one its message was sent to, found by the
+        message id it replies to (the grid sets the ids when it pushes; the SuperLink answers with an
+        error, from its own node id, for a node it could not reach), provided it comes from that node or
+        the SuperLink; None for a reply from any other node. Without ids: the sender's partition."""
+        sent = {m.metadata.message_id: m for m in self.outbox.get(server_round, []) if m.metadata.message_id}
+        message = sent.get(reply.metadata.reply_to_message_id)
+        if message is None:
+            return self.partition_of.get(reply.metadata.src_node_id)
+        if reply.metadata.src_node_id not in (message.metadata.dst_node_id, SUPERLINK_NODE_ID):
+            return None
+        return self.partition_of.get(message.metadata.dst_node_id)
 
     def _content(self, download: State, server_round: int) -> RecordDict:
         once = {k: v for k, v in download.items() if component_of(k) in self.method.sent_once}
@@ -147,7 +167,7 @@ class FedsbStrategy(FedAvg):
         round_log = self.rounds[server_round]
         by_client: dict[int, Message] = {}
         for m in replies:  # a reply from a node that was not asked this round is never aggregated
-            pid = self.partition_of.get(m.metadata.src_node_id)
+            pid = self.sender_of(server_round, m)
             if pid is None or pid not in round_log.cohort or pid in by_client:
                 who = pid if pid is not None else f"node {m.metadata.src_node_id}"
                 round_log.rejected[who] = "a reply from a node that was not asked this round"
@@ -178,6 +198,7 @@ class FedsbStrategy(FedAvg):
             uploads.append(upload)
             weights.append(1 if self.uniform_weights else num_examples)
             losses.append(loss)
+        self.outbox.pop(server_round, None)
         needed = self.required_updates(len(round_log.cohort))
         if len(uploads) < needed:
             round_log.skipped = True

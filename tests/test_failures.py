@@ -129,6 +129,31 @@ def test_a_reply_from_a_node_that_was_not_asked_is_rejected(tmp_path):
     assert state_hash(run.strategy.global_state) == before
 
 
+def _unreachable(pid, reply):
+    """Client 1's node is gone: the SuperLink answers its message with an error, from its own node id."""
+    from flwr.app import Error, Message
+    from flwr.common.constant import SUPERLINK_NODE_ID
+
+    if pid != 1 or reply.metadata.message_type != "train":
+        return reply
+    error = Message(Error(code=3, reason="the SuperNode is offline"), reply_to=reply)
+    error.metadata.__dict__["_reply_to_message_id"] = reply.metadata.reply_to_message_id
+    error.metadata.__dict__["_src_node_id"] = SUPERLINK_NODE_ID
+    return error
+
+
+def test_the_superlinks_error_for_an_unreachable_node_fails_that_client(tmp_path):
+    """The error reply comes from the SuperLink's node id, in reply to client 1's message: client 1 is
+    recorded as failed with the SuperLink's reason (not 'node 1 was not asked'), the others aggregate."""
+    rc = {"config": TINY, "run-dir": str(tmp_path), "method": "fedit",
+          "overrides": "federation.rounds=1; federation.clients_per_round=1.0"}
+    _, run = run_in_process(rc, tamper=_unreachable)
+    log = run.strategy.rounds[1]
+    assert log.rejected == {}
+    assert list(log.failed) == [1] and "the SuperNode is offline" in log.failed[1]
+    assert log.accepted == [p for p in log.cohort if p != 1]
+
+
 def test_failing_and_silent_clients_are_recorded_and_the_round_goes_on(tmp_path, monkeypatch):
     from fedsb.experiment.worker import Worker
 
