@@ -154,7 +154,7 @@ ENV PIP_CERT=/etc/fedsb-stand-in/pip-ca.crt"
     fi
     printf '%s\n' "FROM $base_image" "$extra" "LABEL $stand_in_label=true" \
       "ENTRYPOINT [\"flower-$name\"]" > "$ctx/Dockerfile"
-    docker build -q --network host -t "flwr/$name:$flwr_version" "$ctx" >/dev/null 2>"$tmp/build.err" \
+    docker build -q --force-rm --network host -t "flwr/$name:$flwr_version" "$ctx" >/dev/null 2>"$tmp/build.err" \
       || { cat "$tmp/build.err" >&2; die "building the stand-in flwr/$name:$flwr_version failed"; }
     say "built stand-in flwr/$name:$flwr_version (entrypoint flower-$name)"
   done
@@ -187,9 +187,9 @@ EOF
   else
     say "building $app_image (no local torch wheel: torch from the Dockerfile's TORCH_INDEX_URL)"
   fi
-  docker build --network host -t "$app_image" "${build_args[@]}" "$root" > "$tmp/app-build.log" 2>&1 \
+  docker build --force-rm --network host -t "$app_image" "${build_args[@]}" "$root" > "$tmp/app-build.log" 2>&1 \
     || { tail -n 40 "$tmp/app-build.log" >&2; die "building $app_image failed"; }
-  cached=$(grep -c 'Using cache' "$tmp/app-build.log" || true)
-  say "built $app_image ($(grep -E '^flwr .* torch ' "$tmp/app-build.log" | tail -n 1 || true); $cached cached steps)"
+  versions=$(grep -E '^flwr .* torch ' "$tmp/app-build.log" | tail -n 1 || true)
+  say "built $app_image (${versions:+$versions, }$(grep -c 'Using cache' "$tmp/app-build.log" || true) steps from the cache)"
 fi
 say "done in $((SECONDS - t_start)) s"

@@ -114,6 +114,22 @@ def host_network_override(compose: dict, superlink_port: int, runtime_ports: dic
     return {"services": out}
 
 
+
+def without_port_publish(text: str) -> str:
+    """docker-compose.yml's text without the superlink's `ports:` entry, and nothing else changed.
+
+    On the host network nothing is published (the SuperLink listens on the host's 127.0.0.1
+    itself), and Compose v1 refuses a service with both ("host" network_mode is incompatible with
+    port_bindings); an override cannot remove a list entry, so the test runs this copy.
+    """
+    lines = text.splitlines(keepends=True)
+    start = lines.index("    ports:\n")
+    end = start + 1
+    while lines[end].startswith("      - "):
+        end += 1
+    assert end - start == 2, "the superlink publishes more than one port: update the test"
+    return "".join(lines[:start] + lines[end:])
+
 def test_override_rewrites_only_addresses():
     """The override (fast check, no Docker): same commands, addresses on 127.0.0.1, distinct ports."""
     compose = yaml.safe_load(COMPOSE.read_text())
@@ -124,7 +140,7 @@ def test_override_rewrites_only_addresses():
     link = services["superlink"]["command"]
     assert link[link.index("--port") + 1] == "42000" and "--enable-supernode-auth" in link
     node = services["supernode-2"]["command"]
-    assert node[node.index("--superlink") + 1] == "127.0.0.1:42000"
+    assert node[node.index("--superlink") + 1] == "${SUPERLINK_ADDRESS:-127.0.0.1:42000}"
     assert node[node.index("--port") + 1] == "42002"
     assert "127.0.0.1:42002" in services["superexec-clientapp-2"]["command"]
     assert 'address = "127.0.0.1:42000"' in services["supernode-register"]["command"][0]
@@ -132,8 +148,21 @@ def test_override_rewrites_only_addresses():
         base = [str(a) for a in svc.get("command", [])]
         new = services[name].get("command", [])
         assert len(base) == len(new)
-        assert [a for a, b in zip(base, new) if a != b and not re.search(r"\d{4}|0\.0\.0\.0", a)] == []
+        changed = [a for a, b in zip(base, new, strict=True) if a != b]
+        assert [a for a in changed if not re.search(r"\d{4}|0\.0\.0\.0", a)] == []
 
+
+
+def test_the_compose_file_the_test_runs_differs_only_by_the_port_publish():
+    import difflib
+
+    base = COMPOSE.read_text()
+    diff = [line for line in difflib.unified_diff(base.splitlines(), without_port_publish(base).splitlines(),
+                                                  lineterm="", n=0)
+            if line[:1] in "+-" and not line.startswith(("---", "+++"))]
+    assert len(diff) == 2 and diff[0] == "-    ports:"
+    assert diff[1].startswith('-      - "${SUPERLINK_PORT:-8000}:8000"')
+    assert "ports" not in yaml.safe_load(without_port_publish(base))["services"]["superlink"]
 
 # ---------------------------------------------------------------------------------------------
 # The scenario
@@ -157,11 +186,11 @@ class ComposeOutcome:
 
 
 class Compose:
-    """`docker-compose -p PROJECT -f docker-compose.yml -f OVERRIDE --project-directory WORKDIR`:
-    the compose file's relative paths (./certs) resolve inside the test's workdir."""
+    """`docker-compose -p PROJECT -f COMPOSE_FILE -f OVERRIDE --project-directory WORKDIR`: the
+    compose file's relative paths (./certs) resolve inside the test's workdir."""
 
-    def __init__(self, base: list[str], project: str, workdir: Path, override: Path, env: dict[str, str]):
-        self.argv = [*base, "-p", project, "-f", str(COMPOSE), "-f", str(override),
+    def __init__(self, base: list[str], project: str, workdir: Path, files: list[Path], env: dict[str, str]):
+        self.argv = [*base, "-p", project, *(a for f in files for a in ("-f", str(f))),
                      "--project-directory", str(workdir)]
         self.env = env
         self.workdir = workdir
@@ -285,7 +314,8 @@ def compose_run() -> ComposeOutcome:
     # 1. credentials, as a user makes them
     certs = workdir / "certs"
     cp = subprocess.run(["bash", str(GEN_CERTS), "--out", str(certs), "--nodes", str(SUPERNODES)],
-                        capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHON": sys.executable})
+                        capture_output=True, text=True, timeout=120,
+                        env={**os.environ, "PYTHON": sys.executable})
     assert cp.returncode == 0, cp.stdout + cp.stderr
     intruder = workdir / "intruder"  # a key pair the SuperLink never learns about
     intruder.mkdir()
@@ -313,9 +343,12 @@ def compose_run() -> ComposeOutcome:
     override = workdir / "docker-compose.hostnet.yml"
     override.write_text(yaml.safe_dump(host_network_override(yaml.safe_load(COMPOSE.read_text()),
                                                              superlink_port, runtime_ports), sort_keys=False))
-    env = {**os.environ, "NUM_SUPERNODES": str(SUPERNODES), "FLWR_VERSION": FLWR_VERSION,
+    env = {k: v for k, v in os.environ.items() if k != "SUPERLINK_ADDRESS"}  # the override's default counts
+    env = {**env, "NUM_SUPERNODES": str(SUPERNODES), "FLWR_VERSION": FLWR_VERSION,
            "HF_HUB_OFFLINE": "1", "FEDSB_IMAGE_TAG": "latest"}
-    compose = Compose(base, project, workdir, override, env)
+    compose_file = workdir / "docker-compose.yml"
+    compose_file.write_text(without_port_publish(COMPOSE.read_text()))
+    compose = Compose(base, project, workdir, [compose_file, override], env)
     home = workdir / "flwr-home"
     home.mkdir()
     write_connection(home, CONNECTION, f"127.0.0.1:{superlink_port}", root_certificates=certs / "ca.crt")
@@ -353,9 +386,8 @@ def compose_run() -> ComposeOutcome:
         out.run1_dir = workdir / "run1"
 
         # 6. run 2: supernode-2 is killed once round 1 is in
-        run_config = dict(run_config, **{
-            "num-rounds": 2, "run-dir": "/runs/run2",
-            "overrides": f"federation.num_clients={SUPERNODES}; federation.round_timeout_s={ROUND_TIMEOUT_S}"})
+        overrides = f"federation.num_clients={SUPERNODES}; federation.round_timeout_s={ROUND_TIMEOUT_S}"
+        run_config = dict(run_config, **{"num-rounds": 2, "run-dir": "/runs/run2", "overrides": overrides})
         run_id = _submit(home, workdir, "run2", run_config)
         victim = compose.container("supernode-2")
 
@@ -418,7 +450,8 @@ def test_images_have_what_the_compose_file_relies_on(compose_run):
         assert config["User"] == "app" and config["WorkingDir"] == "/app"
     app = images["fedsb-superexec:latest"]["Config"]
     assert app["Entrypoint"] == ["flower-superexec"] and app["User"] == "app"
-    cp = _docker("run", "--rm", "--network", "none", "--entrypoint", "/bin/sh", "fedsb-superexec:latest", "-c",
+    cp = _docker("run", "--rm", "--network", "none", "--entrypoint", "/bin/sh", "fedsb-superexec:latest",
+                 "-c",
                  "id -u; stat -c '%u %n' /app /runs /data/hf; python -c 'import flwr, torch, fedsb; "
                  "print(flwr.__version__, torch.__version__)'")
     lines = cp.stdout.split("\n")
