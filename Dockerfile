@@ -26,12 +26,22 @@ USER app
 RUN if [ -n "${TORCH_WHEEL}" ]; then python -m pip install --no-cache-dir "${TORCH_WHEEL}"; \
     else python -m pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"; fi
 
-# The project and its dependencies. flwr is already in the image at the pinned version; the
-# [simulation] extra (Ray) is not needed by a deployment, so it is dropped from the requirement.
+# The project's dependencies, on their own layer: rebuilt only when pyproject.toml changes, not on
+# every code change. flwr is already in the image at the pinned version; the [simulation] extra
+# (Ray) is not needed by a deployment, so it is dropped from the requirement. (tomli: a flwr
+# dependency, there whatever the image's Python.)
 WORKDIR /app/src
+COPY --chown=app:app pyproject.toml .
+RUN sed -i 's/"flwr\[simulation\]==/"flwr==/' pyproject.toml \
+    && python -c "import tomli; print('\n'.join(tomli.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+       > /tmp/requirements.txt \
+    && python -m pip install --no-cache-dir -r /tmp/requirements.txt && rm /tmp/requirements.txt
+
+# The project itself.
 COPY --chown=app:app . .
 RUN sed -i 's/"flwr\[simulation\]==/"flwr==/' pyproject.toml \
-    && python -m pip install --no-cache-dir . \
+    && python -m pip install --no-cache-dir --no-deps . \
+    && python -m pip check \
     && python -c "import flwr, torch, fedsb; print('flwr', flwr.__version__, 'torch', torch.__version__)"
 
 WORKDIR /app

@@ -360,6 +360,7 @@ def compose_run() -> ComposeOutcome:
         _say("up:\n" + (cp.stdout + cp.stderr).strip())
         t = mark("up", t)
         out.online = _wait_online(home, SUPERNODES, timeout=240)
+        _say("flwr supernode ls: " + ", ".join(f"{n.get('node-id')} {n.get('status')}" for n in out.online))
         t = mark("supernodes online", t)
 
         # 4. a SuperNode container whose key is not registered
@@ -373,6 +374,8 @@ def compose_run() -> ComposeOutcome:
                      "--port", str(free_ports(1)[0]), "--max-retries", "1", "--max-wait-time", "20",
                      "--node-config", "partition-id=1 num-partitions=2", timeout=180, check=False)
         out.refused = (cp.returncode, cp.stdout + cp.stderr)
+        _say(f"unregistered SuperNode container: exit code {cp.returncode}; its last lines:\n"
+             + "\n".join(out.refused[1].strip().splitlines()[-4:]))
         t = mark("unregistered supernode refused", t)
 
         # 5. run 1: one round, both SuperNodes
@@ -380,6 +383,7 @@ def compose_run() -> ComposeOutcome:
                       "run-dir": "/runs/run1", "overrides": f"federation.num_clients={SUPERNODES}"}
         run_id = _submit(home, workdir, "run1", run_config)
         out.run1 = _wait_run(home, run_id, timeout=600)
+        _say(f"run 1 ({run_id}): {out.run1.get('status')}")
         t = mark("run 1 (submit to finished)", t)
         server = compose.container("superexec-serverapp")
         _docker("cp", f"{server}:/runs/run1", str(workdir / "run1"))
@@ -401,12 +405,23 @@ def compose_run() -> ComposeOutcome:
                 _say(f"killed supernode-2 ({victim[:12]}) after round 1")
 
         out.run2 = _wait_run(home, run_id, timeout=900, during=kill_after_round_1)
+        _say(f"run 2 ({run_id}): {out.run2.get('status')}")
+        cp = subprocess.run(["flwr", "log", str(run_id), CONNECTION, "--show"], capture_output=True,
+                            text=True, env=_flwr_env(home), cwd=home, timeout=120)
+        (logs / "run2.log").write_text(cp.stdout + cp.stderr)
+        _say("run 2's log, the lines about clients:\n" + "\n".join(
+            line for line in cp.stdout.splitlines()
+            if re.search(r"fail|timed out|no reply|accepted|aggregat|clients connected", line, re.I))[-3000:])
         t = mark("run 2 (submit to finished, supernode-2 killed)", t)
         state = json.loads(_docker("inspect", victim).stdout)[0]["State"]
         out.killed.update(status=state["Status"], exit_code=state["ExitCode"],
                           restarts=json.loads(_docker("inspect", victim).stdout)[0]["RestartCount"])
         _docker("cp", f"{server}:/runs/run2", str(workdir / "run2"))
         out.run2_dir = workdir / "run2"
+        _say(f"killed container: {out.killed}")
+        for row in _metrics(out.run2_dir):
+            _say(f"run 2 metrics.jsonl round {row['round']}: accepted {row.get('accepted')} "
+                 f"failed {row.get('failed')} wall_s {row.get('wall_s')}")
         for service in ("superlink", "superexec-serverapp", "supernode-1", "supernode-2"):
             (logs / f"{service}.log").write_text(compose("logs", "--no-color", service, check=False).stdout)
     finally:
