@@ -26,10 +26,11 @@
 # 2. fedsb-superexec:T (default latest), the app image of docker-compose.yml: `docker build` of
 #    ./Dockerfile, unchanged, on flwr/superexec:V, with --build-arg TORCH_WHEEL naming the CPU torch
 #    wheel in pip's find-links folder (served on 127.0.0.1 for the build) when it is there, instead
-#    of the CPU index. Docker's layer cache makes a rebuild of unchanged code take seconds.
+#    of the CPU index. With Docker's layer cache a rebuild takes a second when nothing changed and
+#    seconds after a code change (the dependencies have their own layer).
 #
 # Every container of the build uses the host network (nothing on Docker's bridge network).
-# --rebuild removes and rebuilds the stand-ins (never an official image) and the app image.
+# --rebuild removes the app image and the stand-ins (never an official image) first: a cold build.
 # Needs: docker (a running daemon), and for a stand-in base debootstrap (as root), python3.
 set -euo pipefail
 
@@ -43,7 +44,7 @@ while [ $# -gt 0 ]; do
     --app-tag) app_tag="$2"; shift 2 ;;
     --no-app) build_app=0; shift ;;
     --rebuild) rebuild=1; shift ;;
-    -h|--help) sed -n '2,38p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,35p' "$0"; exit 0 ;;
     *) echo "build-local-images.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -80,12 +81,12 @@ cleanup() {
 trap cleanup EXIT
 
 # --- 1. the Flower images ----------------------------------------------------------------------
-if [ "$rebuild" = 1 ]; then
+if [ "$rebuild" = 1 ]; then  # children first: an image with children cannot be removed
+  if exists "$app_image"; then docker image rm "$app_image" >/dev/null; say "removed $app_image"; fi
   for img in "flwr/superlink:$flwr_version" "flwr/supernode:$flwr_version" "flwr/superexec:$flwr_version" \
-             "$base_image"; do
+             "$base_image" "$debian_image"; do
     if exists "$img" && is_stand_in "$img"; then docker image rm "$img" >/dev/null; say "removed stand-in $img"; fi
   done
-  if exists "$app_image"; then docker image rm "$app_image" >/dev/null; say "removed $app_image"; fi
 fi
 
 needed=()

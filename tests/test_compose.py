@@ -374,8 +374,8 @@ def compose_run() -> ComposeOutcome:
                      "--port", str(free_ports(1)[0]), "--max-retries", "1", "--max-wait-time", "20",
                      "--node-config", "partition-id=1 num-partitions=2", timeout=180, check=False)
         out.refused = (cp.returncode, cp.stdout + cp.stderr)
-        _say(f"unregistered SuperNode container: exit code {cp.returncode}; its last lines:\n"
-             + "\n".join(out.refused[1].strip().splitlines()[-4:]))
+        said = [ln for ln in out.refused[1].splitlines() if re.search(r"activate|exit code|error", ln, re.I)]
+        _say(f"unregistered SuperNode container: exit code {cp.returncode}; it said:\n" + "\n".join(said))
         t = mark("unregistered supernode refused", t)
 
         # 5. run 1: one round, both SuperNodes
