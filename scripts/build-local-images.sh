@@ -44,7 +44,7 @@ while [ $# -gt 0 ]; do
     --app-tag) app_tag="$2"; shift 2 ;;
     --no-app) build_app=0; shift ;;
     --rebuild) rebuild=1; shift ;;
-    -h|--help) sed -n '2,35p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
     *) echo "build-local-images.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
