@@ -4,7 +4,7 @@
 # Makes the images docker-compose.yml names available on a Docker host that cannot reach Docker
 # Hub, so the compose deployment can run end to end there (tests/test_compose.py, CI):
 #
-#   scripts/build-local-images.sh [--flwr-version V] [--app-tag T] [--no-app] [--rebuild]
+#   scripts/build-local-images.sh [--flwr-version V] [--app-tag T] [--no-app] [--rebuild | --clean]
 #
 # 1. flwr/superlink:V, flwr/supernode:V, flwr/superexec:V (V: the flwr pin, default 1.41.0).
 #    An image already present is kept (official or stand-in); otherwise `docker pull` is tried;
@@ -31,6 +31,7 @@
 #
 # Every container of the build uses the host network (nothing on Docker's bridge network).
 # --rebuild removes the app image and the stand-ins (never an official image) first: a cold build.
+# --clean only removes them (then `python -m pytest -s tests/test_compose.py` measures a cold start).
 # Needs: docker (a running daemon), and for a stand-in base debootstrap (as root), python3.
 set -euo pipefail
 
@@ -38,13 +39,15 @@ flwr_version="${FLWR_VERSION:-1.41.0}"
 app_tag="${FEDSB_IMAGE_TAG:-latest}"
 build_app=1
 rebuild=0
+clean_only=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --flwr-version) flwr_version="$2"; shift 2 ;;
     --app-tag) app_tag="$2"; shift 2 ;;
     --no-app) build_app=0; shift ;;
     --rebuild) rebuild=1; shift ;;
-    -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
+    --clean) rebuild=1; clean_only=1; shift ;;
+    -h|--help) sed -n '2,35p' "$0"; exit 0 ;;
     *) echo "build-local-images.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -87,6 +90,7 @@ if [ "$rebuild" = 1 ]; then  # children first: an image with children cannot be 
              "$base_image" "$debian_image"; do
     if exists "$img" && is_stand_in "$img"; then docker image rm "$img" >/dev/null; say "removed stand-in $img"; fi
   done
+  if [ "$clean_only" = 1 ]; then exit 0; fi
 fi
 
 needed=()

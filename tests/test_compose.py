@@ -291,6 +291,11 @@ def _own_for_app(certs: Path) -> None:
 def compose_run() -> ComposeOutcome:
     if shutil.which("docker") is None:
         pytest.skip("docker is not installed: the compose deployment was not run")
+    search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/bin", "/usr/local/bin"])
+    if not (shutil.which("dockerd", path=search) or os.environ.get("DOCKER_HOST")
+            or Path("/var/run/docker.sock").exists()):
+        pytest.skip("only the docker client is installed (no dockerd, no DOCKER_HOST): "
+                    "the compose deployment was not run")
     base = _compose_command()
     if base is None:
         pytest.skip("no Compose implementation (docker-compose or `docker compose`) is installed")
