@@ -174,8 +174,14 @@ if [ "$build_app" = 1 ]; then
     for w in "$dir"/torch-2.13.0+cpu-cp311-cp311-manylinux*_x86_64.whl; do [ -f "$w" ] && wheel="$w"; done
   done
   if [ -n "$wheel" ]; then
-    # A fixed port: the URL is a build argument, and a new one would miss the layer cache.
-    port="${FEDSB_WHEEL_PORT:-41987}"
+    # A fixed port (outside fedsb's deployment range 41000-41999): the URL is a build argument, and
+    # a new one misses the layer cache. Taken: any free port, and the torch layer is rebuilt.
+    port="${FEDSB_WHEEL_PORT:-47391}"
+    if ! python3 -c 'import socket, sys; socket.socket().bind(("127.0.0.1", int(sys.argv[1])))' "$port" 2>/dev/null; then
+      taken="$port"
+      port="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+      say "port $taken is taken: serving the wheel on $port (so the torch layer is rebuilt)"
+    fi
     python3 -m http.server "$port" --bind 127.0.0.1 --directory "$(dirname "$wheel")" \
       > "$tmp/http.log" 2>&1 &
     server_pid=$!
