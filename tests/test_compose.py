@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -288,7 +289,7 @@ def _own_for_app(certs: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def compose_run() -> ComposeOutcome:
+def compose_run(request: pytest.FixtureRequest) -> Iterator[ComposeOutcome]:
     if shutil.which("docker") is None:
         pytest.skip("docker is not installed: the compose deployment was not run")
     search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/bin", "/usr/local/bin"])
@@ -442,8 +443,12 @@ def compose_run() -> ComposeOutcome:
         _say(f"timings: {out.timings}; workdir {workdir}")
         assert down.returncode == 0, down.stdout + down.stderr
         assert not out.leftovers, f"left behind by `docker-compose down -v`: {out.leftovers}"
+    failed_before = request.session.testsfailed
     yield out
-    shutil.rmtree(workdir, ignore_errors=True)
+    if request.session.testsfailed == failed_before:
+        shutil.rmtree(workdir, ignore_errors=True)
+    else:  # the certificates, the override, the logs and the run directories, for a look
+        _say(f"kept {workdir}")
 
 
 # ---------------------------------------------------------------------------------------------
