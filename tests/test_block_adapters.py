@@ -69,6 +69,28 @@ def test_forward_equals_the_merged_weights(layer_class, base):
     assert ((out.float() - expected.float()).abs().max() / expected.float().abs().max()).item() < tol
 
 
+@pytest.mark.parametrize("base", list(BASES))
+def test_bone_per_sample_path_equals_its_weight_path(base):
+    """Bone forms dW unless a hook (Opacus's, for per-sample gradients) is on its blocks' module; then it
+    applies the blocks to the activations. Both give the same outputs and parameter gradients."""
+    torch.manual_seed(0)
+    layer = randomised(BoneLayer(BASES[base](), 4, 1.0), seed=1)
+    layer.bone_block.weight.requires_grad_(True)
+    x = torch.randn(3, 5, layer.base_weight().shape[1]).to(layer.base.weight.dtype)
+    results = []
+    for hooked in (False, True):
+        handle = layer.bone_block.register_forward_hook(lambda *args: None) if hooked else None
+        layer.bone_block.weight.grad = None
+        out = layer(x)
+        out.float().square().sum().backward()
+        results.append((out.detach().float(), layer.bone_block.weight.grad.clone()))
+        if handle is not None:
+            handle.remove()
+    tolerance = 2e-2 if base == "bfloat16" else 1e-5
+    assert torch.allclose(results[0][0], results[1][0], rtol=tolerance, atol=tolerance)
+    assert torch.allclose(results[0][1], results[1][1], rtol=tolerance, atol=tolerance * 10)
+
+
 def test_mora_side_is_the_authors_and_even_for_rope():
     # round(sqrt((m + n) r)): LoRA's r (m + n) parameters in a square r^ x r^ matrix.
     assert mora_rank(ModuleSpec("q", 32, 32, False), 4) == 16  # sqrt(256)

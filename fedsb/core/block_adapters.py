@@ -102,8 +102,14 @@ class BlockLinear(nn.Module):
 
 
 class BoneLayer(BlockAdapterLayer):
-    """W0 x + dW x with dW_{a,j} = W_{a,j} B_a + B_a (b x b blocks), computed without forming dW:
-    output block a gains sum_j (W_{a,j} + I) (B_a x_j)."""
+    """W0 x + dW x with dW_{a,j} = W_{a,j} B_a + B_a (b x b blocks).
+
+    Two equal ways to compute it. Forming dW (m n b multiply-adds, once per forward) and applying it
+    costs about what the base layer does. Per-sample gradients (Opacus's hooks on the blocks' module,
+    DP-SGD) need the blocks applied to the activations instead: output block a gains
+    sum_j (W_{a,j} + I) (B_a x_j), whose (..., m/b, n/b, b) intermediate is n/b times the layer's
+    output, so it is used only while such a hook is registered (on MiniLM it made training about
+    10 times slower)."""
 
     components = ("bone_block",)
 
@@ -132,7 +138,10 @@ class BoneLayer(BlockAdapterLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
-        chunks = x.to(ADAPTER_DTYPE).unflatten(-1, (-1, self.block))  # (..., J, b): x_j
+        x32 = x.to(ADAPTER_DTYPE)
+        if not self.bone_block._forward_hooks:  # no per-sample gradients wanted: apply dW itself
+            return out + F.linear(x32, self.delta_weight()).to(out.dtype)
+        chunks = x32.unflatten(-1, (-1, self.block))  # (..., J, b): x_j
         z = self.bone_block(chunks)  # (..., A, J, b): B_a x_j
         update = torch.einsum("ajkl,...ajl->...ak", self._weight_blocks(), z) + z.sum(-2)
         return out + update.flatten(-2).to(out.dtype)
