@@ -55,6 +55,7 @@ def write_model(directory: Path, shape: dict, tokenizer: str = "default") -> Pat
 
 
 def run(job: str, model_dir: Path, out: Path, args: argparse.Namespace, dp: bool = False) -> dict:
+    from fedsb.experiment.config import parse_override
     from fedsb.experiment.run_config import format_override_list
     from fedsb.experiment.summary import RunSummary, read_metrics
     from fedsb.federation.inprocess import run_in_process
@@ -71,6 +72,7 @@ def run(job: str, model_dir: Path, out: Path, args: argparse.Namespace, dp: bool
     }
     if init:
         overrides["method.init.name"] = init
+    overrides.update(dict(parse_override(item) for item in args.set))
     run_config = {"config": "configs/arithmetic.yaml", "run-dir": str(out),
                   "overrides": format_override_list(overrides)}
     if dp:
@@ -97,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer", default="default",
                         help="a tokenizer directory (default: the packaged MiniLM's)")
     parser.add_argument("--dp", action="store_true", help="also run the first method under DP-SGD")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every run, e.g. --set federation.client_ranks=4,8,16")
     parser.add_argument("--tiny", action="store_true",
                         help="a 2-layer model on any device: checks the script, measures nothing")
     args = parser.parse_args(argv)

@@ -38,7 +38,7 @@ LLAMA_1B = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_
 LLAMA_TINY = dict(LLAMA_1B, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=1000)
 METHODS = ("fedit", "ffa", "fedex", "fedsb")
-RANKS = {"fedit": 16, "ffa": 16, "fedex": 16, "fedsb": 64}
+RANKS = {"fedit": 16, "ffa": 16, "fedex": 16, "fedsb": 64, "bone": 16, "mora": 16}
 
 
 def rank(name: str, args: argparse.Namespace) -> int:
