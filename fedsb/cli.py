@@ -298,7 +298,7 @@ DEMO_SETTINGS = {  # small enough to finish in a few minutes on 2 CPU cores
 
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", action="append", choices=[*method_names(), "all"],
-                        help="method(s) to run (repeatable; default: all four)")
+                        help="method(s) to run (repeatable; default: every registered method)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="config override, e.g. --set federation.rounds=3 (repeatable)")
     parser.add_argument("--config", default="configs/default.yaml",
@@ -370,7 +370,7 @@ SUBCOMMANDS: list[Subcommand] = [
                "SuperNode authentication)", deploy_cli.add_arguments, deploy_cli.run),
     Subcommand("comm", "closed-form communication per method: parameters and bytes per round, "
                "per client and for all K clients, and one-time init", _comm_arguments, _comm_run),
-    Subcommand("demo", "a short in-process run of the four methods on the packaged MiniLM",
+    Subcommand("demo", "a short in-process run of the methods side by side on the packaged MiniLM",
                _demo_arguments, _demo_run),
     Subcommand("sweep", "a grid of real runs (as fedsb run) over config keys; one sweep.csv row per cell, "
                "resumable", sweep.add_arguments, sweep.run),

@@ -53,10 +53,7 @@ def export_adapter(run_dir: Path, base_model: nn.Module, method: FederatedMethod
     for name, pair in peft_lora_tensors(method, state).items():
         for part, value in pair.items():
             params[f"base_model.model.{name}.{part}.default.weight"].copy_(value)
-    for k, value in state.items():
-        if component_of(k) == HEAD:
-            head, _, pname = k.rpartition(".")
-            params[f"base_model.model.{head}.modules_to_save.default.{pname}"].copy_(value)
+    copy_head(params, state)
     out = run_dir / "adapter"
     peft_model.save_pretrained(out)
     (out / "FEDSB_README.md").write_text(_export_note(method))
@@ -73,3 +70,11 @@ def _export_note(method: FederatedMethod, loads_as_peft: bool = True) -> str:
             f"alpha {method.alpha}\n\n"
             + ("Load with `PeftModel.from_pretrained(base_model, this_dir)`.\n" if loads_as_peft else "")
             + method.export_note())
+
+
+def copy_head(peft_params: dict, state: State) -> None:
+    """The state's task-head tensors into a PEFT model's `modules_to_save` copies (every PEFT export)."""
+    for k, value in state.items():
+        if component_of(k) == HEAD:
+            head, _, pname = k.rpartition(".")
+            peft_params[f"base_model.model.{head}.modules_to_save.default.{pname}"].copy_(value)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fedsb.core.adapters import HEAD, State, component_of, key
+from fedsb.core.adapters import State, key
 from fedsb.core.block_adapters import save_merged_model
 from fedsb.core.models import find_head_modules
 from fedsb.methods.base import FederatedMethod
@@ -48,6 +48,8 @@ class Bone(FederatedMethod):
                                      run_dir / "merged")
         from peft import MissConfig, TaskType, get_peft_model
 
+        from fedsb.experiment.export import copy_head
+
         heads = find_head_modules(base_model)
         config = MissConfig(r=self.rank, init_weights="bat", target_modules=list(self.specs),
                             modules_to_save=heads or None,
@@ -56,10 +58,7 @@ class Bone(FederatedMethod):
         params = dict(peft_model.named_parameters())
         for name in self.specs:
             params[f"base_model.model.{name}.miss_block.default"].copy_(state[key(name, "bone_block")])
-        for k, value in state.items():
-            if component_of(k) == HEAD:
-                head, _, pname = k.rpartition(".")
-                params[f"base_model.model.{head}.modules_to_save.default.{pname}"].copy_(value)
+        copy_head(params, state)
         out = run_dir / "adapter"
         peft_model.save_pretrained(out)
         return out
