@@ -52,6 +52,14 @@ def client_uploads(method, state, seed: int = 7):
     return uploads
 
 
+def aggregated(name: str, rule: str):
+    """A method under `rule`, its global state, one upload per client rank, and their aggregate."""
+    method, model = make_method(name, rule)
+    state = global_state(method, model)
+    uploads = client_uploads(method, state)
+    return method, state, uploads, method.aggregate(state, uploads, WEIGHTS)
+
+
 def normalised(weights):
     return torch.tensor(weights, dtype=torch.float64) / sum(weights)
 
@@ -65,10 +73,7 @@ def padded_to(tensor, component, rank):
 # --- the three rules, against independent computations ----------------------------------------------
 
 def test_pad_is_the_mean_of_the_zero_padded_factors():
-    method, model = make_method("fedit", "pad")
-    state = global_state(method, model)
-    uploads = client_uploads(method, state)
-    new = method.aggregate(state, uploads, WEIGHTS)
+    method, state, uploads, new = aggregated("fedit", "pad")
     w = normalised(WEIGHTS)
     for name in method.specs:
         for component in ("lora_A", "lora_B"):
@@ -81,10 +86,7 @@ def test_pad_is_the_mean_of_the_zero_padded_factors():
 
 
 def test_rank_aware_averages_each_slice_over_its_holders_only():
-    method, model = make_method("fedit", "rank_aware")
-    state = global_state(method, model)
-    uploads = client_uploads(method, state)
-    new = method.aggregate(state, uploads, WEIGHTS)
+    method, state, uploads, new = aggregated("fedit", "rank_aware")
     for name in method.specs:
         for component, dim in (("lora_A", 0), ("lora_B", 1)):
             k = key(name, component)
@@ -96,10 +98,7 @@ def test_rank_aware_averages_each_slice_over_its_holders_only():
 
 
 def test_svd_gives_each_client_the_best_approximation_of_the_averaged_product():
-    method, model = make_method("fedit", "svd")
-    state = global_state(method, model)
-    uploads = client_uploads(method, state)
-    new = method.aggregate(state, uploads, WEIGHTS)
+    method, state, uploads, new = aggregated("fedit", "svd")
     w = normalised(WEIGHTS)
     for name in method.specs:
         a, b = key(name, "lora_A"), key(name, "lora_B")
@@ -136,10 +135,7 @@ def test_identical_clients_at_mixed_ranks_keep_their_state_under_rank_aware():
 @pytest.mark.parametrize("rule", ["pad", "rank_aware", "svd"])
 def test_fedex_is_exact_in_the_effective_weight_under_every_rule(rule):
     """W0 + residual + s B A of the aggregate = the weighted mean of the clients' own (of their ranks)."""
-    method, model = make_method("fedex", rule)
-    state = global_state(method, model)
-    uploads = client_uploads(method, state)
-    new = method.aggregate(state, uploads, WEIGHTS)
+    method, state, uploads, new = aggregated("fedex", rule)
     w = normalised(WEIGHTS)
     for name in method.specs:
         client_deltas = [method.effective_delta({**state, **pad(u, RANK)})[name].double() for u in uploads]
@@ -150,10 +146,7 @@ def test_fedex_is_exact_in_the_effective_weight_under_every_rule(rule):
 
 def test_ffa_pad_is_exact_in_the_product():
     """With A shared and frozen, the mean of the padded B_i times A is the mean of the clients' products."""
-    method, model = make_method("ffa", "pad")
-    state = global_state(method, model)
-    uploads = client_uploads(method, state)
-    new = method.aggregate(state, uploads, WEIGHTS)
+    method, state, uploads, new = aggregated("ffa", "pad")
     w = normalised(WEIGHTS)
     for name in method.specs:
         a, b = key(name, "lora_A"), key(name, "lora_B")
