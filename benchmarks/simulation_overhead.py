@@ -161,9 +161,10 @@ def compare(args: argparse.Namespace, work: Path) -> None:
     for name, run in runs:
         usage, run_dir, times = run(args.config, args.set, args.cpus_per_client, work / name)
         results[name] = (usage, run_dir, times)
+        rounds = ", ".join(f"{b - a:.1f}" for a, b in zip(times, times[1:], strict=False))
         print(f"{name:>6}: wall {usage.wall_s:6.1f} s, CPU {usage.cpu_s:6.1f} s, round 0 done at "
-              f"{times[0] if times else float('nan'):5.1f} s, peak PSS {_gb(usage.peak_pss)} "
-              f"(RSS {_gb(usage.peak_rss)})", flush=True)
+              f"{times[0] if times else float('nan'):5.1f} s, rounds {rounds} s, peak PSS "
+              f"{_gb(usage.peak_pss)} (RSS {_gb(usage.peak_rss)})", flush=True)
         if args.processes:
             print(_top(usage))
     bare = results["bare"][0]

@@ -62,6 +62,27 @@ def test_a_timeout_returns_the_replies_so_far():
     assert ProgressGrid(NeverReplies(), lambda _: None).send_and_receive(_messages(2), timeout=0.6) == []
 
 
+def test_pulls_back_off_while_nothing_arrives_and_speed_up_after_a_reply(monkeypatch):
+    """The pause between empty pulls grows from POLL_MIN_S by POLL_GROWTH up to POLL_MAX_S, and is
+    POLL_MIN_S again after a pull that brought a reply (time.sleep is recorded, not slept)."""
+    from fedsb.federation import progress
+
+    class RepliesOnPulls(SlowGrid):  # a reply on the 12th and the 15th pull
+        pulls = 0
+
+        def pull_messages(self, ids):
+            self.pulls += 1
+            return super().pull_messages(ids) if self.pulls in (12, 15) else []
+
+    pauses: list[float] = []
+    monkeypatch.setattr(progress.time, "sleep", pauses.append)
+    replies = ProgressGrid(RepliesOnPulls(), lambda _: None).send_and_receive(_messages(2), timeout=60)
+    assert len(replies) == 2
+    growing = [min(0.01 * 1.5 ** i, 0.5) for i in range(11)]
+    assert pauses == pytest.approx(growing + [0.01, 0.015])  # 11 empty pulls, a reply, 2 empty, the last
+    assert max(pauses) == progress.POLL_MAX_S and pauses[0] == progress.POLL_MIN_S
+
+
 def test_gpus_per_client_reaches_flower_and_is_refused_without_a_gpu(tmp_path, capsys):
     config = load_config("tests/configs/tiny.yaml")
     assert _federation(config, 2) == "num-supernodes=4 client-resources-num-cpus=2"

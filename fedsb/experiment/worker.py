@@ -36,6 +36,7 @@ from fedsb.core.adapters import (
     set_active_rank,
 )
 from fedsb.core.init import accumulate_gradients
+from fedsb.core.memory import release_free_memory
 from fedsb.core.models import find_target_modules, load_model, load_tokenizer, resolve_device, resolve_dtype
 from fedsb.data.schema import TEXT_PAIR, column
 from fedsb.data.tokens import iterate_batches, tokenize, tokenize_instructions, tokenize_prompts
@@ -178,6 +179,7 @@ class Worker:
             return self.upload(rank), result
         finally:
             set_active_rank(self.model, None)
+            release_free_memory()  # the steps' activations: not held while other clients train
 
     def client_rank(self, received: State) -> int:
         """The rank of the adapter a client was sent: the server decides (federation.client_ranks),
@@ -226,7 +228,9 @@ class Worker:
                                                 self.config.method.init.num_samples, ledger, seed=seed)
         else:
             gradients = self._gradients(data, n)
-        return to_device(gradients, torch.device("cpu")), n
+        gradients = to_device(gradients, torch.device("cpu"))
+        release_free_memory()
+        return gradients, n
 
     def reset_to_base(self) -> None:
         """The base model itself: zero adapters and the head's initial weights."""
@@ -253,6 +257,7 @@ class Worker:
                                                         self.config.eval.batch_size, shuffle=False))
         finally:
             set_active_rank(self.model, None)
+            release_free_memory()
 
     # -- server side -----------------------------------------------------------------------
     def _gradients(self, data: dict[str, torch.Tensor], num_samples: int) -> dict[str, torch.Tensor]:
@@ -280,7 +285,10 @@ class Worker:
             gradients = {k: sum(g[k] for g in client_gradients) for k in client_gradients[0]}
         generator = torch.Generator().manual_seed(self.config.seed)
         state = self.method.initial_state(self.model, generator, gradients, lr_eff=self.config.init_lr)
-        return to_device(state, torch.device("cpu"))  # the server's state lives on the CPU, in float32
+        state = to_device(state, torch.device("cpu"))  # the server's state lives on the CPU, in float32
+        del gradients
+        release_free_memory()  # the init's gradients and decompositions (LoRA-SB, LoRA-GA: 160 MB on MiniLM)
+        return state
 
     def evaluate_global(self, state: State, split: str = "validation", rank: int | None = None
                         ) -> dict[str, float]:
@@ -295,6 +303,7 @@ class Worker:
             return self._evaluate(tokens, split)
         finally:
             set_active_rank(self.model, None)
+            release_free_memory()
 
     def _evaluate(self, tokens: dict[str, torch.Tensor], split: str) -> dict[str, float]:
         metrics = evaluate(self.model, iterate_batches(tokens, self.config.eval.batch_size, shuffle=False))
