@@ -132,3 +132,21 @@ def test_partition_stats_through_flwr_datasets_match_a_plain_count(tmp_path):
     path = plot_partition(tmp_path, parts, ["sports", "science", "business", "food"])
     assert path == tmp_path / "partition.png" and path.read_bytes()[:4] == b"\x89PNG"
 
+
+
+def test_the_partition_figure_grows_with_the_clients_up_to_a_width(tmp_path):
+    """Half an inch a client, at most PLOT_MAX_WIDTH_IN (110 dpi): 1000 clients drew a 55,000-pixel
+    canvas before the cap. tight_layout may trim a few pixels, so widths are compared loosely."""
+    import struct
+
+    from fedsb.data.partition import PLOT_MAX_WIDTH_IN
+
+    ds = synthetic_dataset(1200, num_classes=4, seed=0)
+    widths = {}
+    for clients in (8, 300):
+        out = tmp_path / str(clients)
+        out.mkdir()
+        path = plot_partition(out, partition_dataset(ds, clients, "iid", seed=0), ["a", "b", "c", "d"])
+        widths[clients] = struct.unpack(">I", path.read_bytes()[16:20])[0]  # the PNG header's width
+    assert abs(widths[8] - (0.5 * 8 + 2) * 110) <= 2
+    assert abs(widths[300] - PLOT_MAX_WIDTH_IN * 110) <= 2

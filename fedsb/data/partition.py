@@ -24,10 +24,12 @@ from flwr_datasets.partitioner import (
     PathologicalPartitioner,
 )
 
+from fedsb.core.memory import release_free_memory
 from fedsb.data.schema import LABEL, DataError, check_columns, column
 
 SCHEMES = ("iid", "dirichlet", "classes")
 DIRICHLET_RETRY_S = 30.0  # seeded Dirichlet redraws stop after this long (each draws 10 times)
+PLOT_MAX_WIDTH_IN = 24.0  # partition.png's widest figure (inches, at 110 dpi)
 
 
 def partition_dataset(
@@ -193,7 +195,9 @@ def plot_partition(run_dir: Path, partitions: Sequence[Dataset], label_names: Se
     from flwr_datasets.visualization import plot_label_distributions
     from matplotlib.colors import ListedColormap
 
-    fig, ax = plt.subplots(figsize=(max(4, 0.5 * len(partitions) + 2), 3.2))
+    # Half an inch a client up to PLOT_MAX_WIDTH_IN: at 1000 clients an uncapped figure was 55,000
+    # pixels wide (a 78 MB canvas in the server process) and no more readable than a capped one.
+    fig, ax = plt.subplots(figsize=(min(max(4, 0.5 * len(partitions) + 2), PLOT_MAX_WIDTH_IN), 3.2))
     # A colormap of exactly one tab10 colour per class: pandas samples a colormap evenly, so
     # "tab10" itself would skip colours for fewer than ten classes.
     tab10 = plt.get_cmap("tab10").colors
@@ -211,4 +215,5 @@ def plot_partition(run_dir: Path, partitions: Sequence[Dataset], label_names: Se
     path = Path(run_dir) / "partition.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    release_free_memory()  # the canvas: the server holds what it uses for the rest of the run
     return path
