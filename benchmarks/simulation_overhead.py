@@ -150,6 +150,18 @@ def _top(usage: Usage, count: int = 8) -> str:
     return "\n".join(f"    {pss / 1e6:7.0f} MB  {command}" for _pid, pss, command in rows)
 
 
+WORK_PROCESSES = ("flwr-simulation", "ClientAppActor")  # Flower's processes that run fedsb's apps
+
+
+def _work_and_runtime(usage: Usage) -> str:
+    """A Flower run's peak split into the processes running fedsb's ServerApp and ClientApps and the rest
+    (the launcher, SuperLink, SuperExec, Ray's gcs_server, raylet, agents and monitors)."""
+    work = sum(pss for _pid, pss, command in usage.peak_processes
+               if any(name in command for name in WORK_PROCESSES))
+    return (f"        of which the ServerApp and ClientApp processes {_gb(work)}; the launcher, SuperLink, "
+            f"SuperExec and Ray's own processes {_gb(usage.peak_pss - work)}")
+
+
 def compare(args: argparse.Namespace, work: Path) -> None:
     workers = max(1, (os.cpu_count() or 1) // args.cpus_per_client)
     print(f"machine: {machine_line()}")
@@ -165,6 +177,8 @@ def compare(args: argparse.Namespace, work: Path) -> None:
         print(f"{name:>6}: wall {usage.wall_s:6.1f} s, CPU {usage.cpu_s:6.1f} s, round 0 done at "
               f"{times[0] if times else float('nan'):5.1f} s, rounds {rounds} s, peak PSS "
               f"{_gb(usage.peak_pss)} (RSS {_gb(usage.peak_rss)})", flush=True)
+        if name != "bare":
+            print(_work_and_runtime(usage))
         if args.processes:
             print(_top(usage))
     bare = results["bare"][0]
