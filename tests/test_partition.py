@@ -134,19 +134,32 @@ def test_partition_stats_through_flwr_datasets_match_a_plain_count(tmp_path):
 
 
 
-def test_the_partition_figure_grows_with_the_clients_up_to_a_width(tmp_path):
+def test_the_partition_figure_grows_with_the_clients_up_to_a_width(tmp_path, monkeypatch):
     """Half an inch a client, at most PLOT_MAX_WIDTH_IN (110 dpi): 1000 clients drew a 55,000-pixel
-    canvas before the cap. tight_layout may trim a few pixels, so widths are compared loosely."""
+    canvas before the cap. Beyond PLOT_MAX_CLIENTS the first ones are drawn and the title says so.
+    tight_layout may trim a few pixels, so widths are compared loosely."""
     import struct
 
+    import matplotlib.axes
+
+    from fedsb.data import partition
     from fedsb.data.partition import PLOT_MAX_WIDTH_IN
 
+    titles, set_title = [], matplotlib.axes.Axes.set_title
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_title",
+                        lambda ax, label, *a, **k: titles.append(label) or set_title(ax, label, *a, **k))
+    monkeypatch.setattr(partition, "PLOT_MAX_CLIENTS", 40)
     ds = synthetic_dataset(1200, num_classes=4, seed=0)
     widths = {}
-    for clients in (8, 300):
+    for clients in (8, 60, 300):
         out = tmp_path / str(clients)
         out.mkdir()
         path = plot_partition(out, partition_dataset(ds, clients, "iid", seed=0), ["a", "b", "c", "d"])
         widths[clients] = struct.unpack(">I", path.read_bytes()[16:20])[0]  # the PNG header's width
     assert abs(widths[8] - (0.5 * 8 + 2) * 110) <= 2
-    assert abs(widths[300] - PLOT_MAX_WIDTH_IN * 110) <= 2
+    assert abs(widths[60] - (0.5 * 40 + 2) * 110) <= 2  # 40 clients drawn
+    assert titles == ["Label distribution per client", "Label distribution per client (clients 0-39 of 60)",
+                      "Label distribution per client (clients 0-39 of 300)"]
+    monkeypatch.setattr(partition, "PLOT_MAX_CLIENTS", 1000)
+    path = plot_partition(tmp_path, partition_dataset(ds, 300, "iid", seed=0), ["a", "b", "c", "d"])
+    assert abs(struct.unpack(">I", path.read_bytes()[16:20])[0] - PLOT_MAX_WIDTH_IN * 110) <= 2
