@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -369,3 +370,32 @@ def test_hub_source_through_real_load_dataset_on_a_local_csv(monkeypatch, tmp_pa
     tr, te, names = load_task("hf:someone/reviews", test_fraction=0.4, seed=0)
     assert names == ["a", "b"] and (len(tr), len(te)) == (3, 2)
     assert sorted([*tr["text"], *te["text"]]) == ["p", "q", "r", "s", "t"]
+
+
+@pytest.mark.parametrize("case", ["synthetic", "shuffled_and_selected", "a_class_of_one",
+                                  "labels_not_classes"])
+def test_the_held_out_split_is_datasets_own_stratified_split(case):
+    """split_train_test reads the labels in one slice but splits exactly as datasets'
+    train_test_split(stratify_by_column="label", seed=...) does, or, where that refuses (a class of one
+    example, labels that are not a ClassLabel), as its plain seeded split."""
+    from fedsb.data.sources import split_train_test
+
+    ds = synthetic_dataset(1000, num_classes=4, seed=3).add_column("row", list(range(1000)))
+    if case == "shuffled_and_selected":  # an indices mapping over the table, as after subsample()
+        ds = ds.shuffle(seed=1).select(range(700))
+    elif case == "a_class_of_one":
+        ds = ds.filter(lambda row: row["label"] != 3).select(range(500))
+        ds = Dataset.from_dict({"text": ds["text"][:] + ["lonely"], "label": ds["label"][:] + [3],
+                                "row": ds["row"][:] + [-1]}, features=ds.features)
+    elif case == "labels_not_classes":
+        ds = ds.cast_column("label", Value("int64"))
+    for seed in (0, 7):
+        train, test = split_train_test(ds, 0.2, seed=seed)
+        try:
+            expected = ds.train_test_split(test_size=0.2, seed=seed, stratify_by_column="label")
+            assert case in ("synthetic", "shuffled_and_selected")
+        except ValueError:
+            assert case in ("a_class_of_one", "labels_not_classes")
+            expected = ds.train_test_split(test_size=0.2, seed=seed)
+        assert train["row"][:] == expected["train"]["row"][:] and test["row"][:] == expected["test"]["row"][:]
+        assert len(test) == math.ceil(0.2 * len(ds)) and train.features == ds.features
