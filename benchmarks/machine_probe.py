@@ -67,6 +67,7 @@ class Usage:
     peak_pss: int = 0  # above the machine's sum before the command
     peak_rss: int = 0
     peak_processes: list[tuple[int, int, str]] = field(default_factory=list)  # at the PSS peak
+    marks: dict[str, float] = field(default_factory=dict)  # seconds at which the caller saw named steps
 
 
 class MachineProbe:

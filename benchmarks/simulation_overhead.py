@@ -46,12 +46,21 @@ ROOT = Path(__file__).resolve().parents[1]
 VOLATILE = ("wall_s",)  # per-row keys that are timings, not results
 
 
+# The start-up of `fedsb run`, one line at a time: the first line (in the launcher's output or the run's
+# flower.log) that holds each of these marks the step as done.
+STARTUP_MARKS = (("checked", "rounds -> "), ("SuperLink up and run submitted", " submitted; log: "),
+                 ("flwr-simulation started", "Starting Flower Simulation"),
+                 ("ServerApp running", "partitions assigned"), ("round 0 evaluated", "] round 0: "))
+
+
 class RoundClock:
-    """Watches a run directory's metrics.jsonl: when each round's row appeared (seconds from start)."""
+    """Watches a run directory's metrics.jsonl: when each round's row appeared (seconds from start);
+    and the launcher's log and flower.log: when each of STARTUP_MARKS first appeared."""
 
     def __init__(self, run_parent: Path):
         self.run_parent = run_parent
         self.times: list[float] = []
+        self.marks: dict[str, float] = {}
         self._stop = threading.Event()
 
     def __enter__(self) -> RoundClock:
@@ -66,6 +75,12 @@ class RoundClock:
             rows = sum(1 for _ in files[0].open()) if files else 0
             while len(self.times) < rows:
                 self.times.append(time.monotonic() - self._t0)
+            if len(self.marks) < len(STARTUP_MARKS):
+                logs = [self.run_parent / "benchmark.log", *self.run_parent.glob("**/flower.log")]
+                text = "".join(f.read_text(errors="replace") for f in logs if f.is_file())
+                for step, mark in STARTUP_MARKS:
+                    if step not in self.marks and mark in text:
+                        self.marks[step] = time.monotonic() - self._t0
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
@@ -102,6 +117,7 @@ def _measure(command: list[str], out: Path, env: dict | None = None, cwd: Path =
         raise SystemExit(f"`{' '.join(command)}` failed (exit {done.returncode}): "
                          f"{log.read_text()[-1500:]}")
     run_dir = next(out.glob("**/summary.json")).parent
+    usage.marks = clock.marks
     return usage, run_dir, clock.times
 
 
@@ -179,6 +195,7 @@ def compare(args: argparse.Namespace, work: Path) -> None:
               f"{_gb(usage.peak_pss)} (RSS {_gb(usage.peak_rss)})", flush=True)
         if name != "bare":
             print(_work_and_runtime(usage))
+            print("        start-up: " + ", ".join(f"{step} at {t:.1f} s" for step, t in usage.marks.items()))
         if args.processes:
             print(_top(usage))
     bare = results["bare"][0]
