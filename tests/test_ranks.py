@@ -116,6 +116,28 @@ def test_svd_gives_each_client_the_best_approximation_of_the_averaged_product():
         assert new[b].shape == state[b].shape and new[a].shape == state[a].shape
 
 
+@pytest.mark.parametrize(("m", "n"), [(300, 200), (12, 200)])  # the core path; R >= m: the product's
+def test_the_svd_of_the_stacked_factors_is_the_svd_of_the_averaged_product(m, n):
+    """svd_factors_of_sum (QR of the stacked factors, SVD of the R x R core) gives what the full SVD of
+    sum_i w_i B_i A_i gives: the same factors (signs fixed) and so every rank-k prefix's product."""
+    from fedsb.methods.ranks import svd_factors, svd_factors_of_sum
+
+    generator = torch.Generator().manual_seed(0)
+    ranks, weights = [4, 8, 16], [0.5, 0.3, 0.2]
+    bs = [torch.randn(m, r, generator=generator) for r in ranks]
+    as_ = [torch.randn(r, n, generator=generator) for r in ranks]
+    product = sum(w * (b.double() @ a.double()) for b, a, w in zip(bs, as_, weights, strict=True))
+    for rank in (16, 32):  # 32 > R = 28 (and > m = 12): zero columns beyond the product's rank
+        expected_b, expected_a = svd_factors(product, rank)
+        b, a = svd_factors_of_sum(bs, as_, weights, rank)
+        assert b.shape == (m, rank) and a.shape == (rank, n)
+        for k in (1, 4, 16, rank):
+            assert torch.allclose(b[:, :k] @ a[:k], expected_b[:, :k] @ expected_a[:k], rtol=1e-9, atol=1e-9)
+        top = min(rank, 28, m)  # distinct singular values: the factors themselves agree
+        assert torch.allclose(b[:, :top], expected_b[:, :top], atol=1e-8)
+        assert torch.allclose(a[:top], expected_a[:top], atol=1e-8)
+
+
 def test_identical_clients_at_mixed_ranks_keep_their_state_under_rank_aware():
     """Clients that upload exactly what they were sent (their prefix of the global factors): each slice is
     averaged over clients holding the same values, so the global state is unchanged."""

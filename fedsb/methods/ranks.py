@@ -109,6 +109,31 @@ def svd_factors(mean_product: torch.Tensor, rank: int) -> tuple[torch.Tensor, to
     every k <= rank. Signs are fixed (each column of U has a positive largest entry) so the result
     does not depend on the LAPACK build."""
     u, s, vh = torch.linalg.svd(mean_product.double(), full_matrices=False)
+    return _balanced_factors(u, s, vh, rank)
+
+
+def svd_factors_of_sum(bs: Sequence[torch.Tensor], as_: Sequence[torch.Tensor], weights: Sequence[float],
+                       rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`svd_factors` of sum_i w_i B_i A_i without forming it (m x n): that sum is B_s A_s with
+    B_s = [w_1 B_1 | ... | w_k B_k] (m x R) and A_s = [A_1; ...; A_k] (R x n), R the sum of the
+    ranks. With B_s = Q_b R_b and A_s^T = Q_a R_a (QR), B_s A_s = Q_b (R_b R_a^T) Q_a^T, so the
+    SVD of the small R x R core C = U_c S V_c^T gives the product's: U = Q_b U_c, V = Q_a V_c, the
+    same singular values. O((m + n) R^2) instead of the full SVD's O(m n min(m, n)): at a 1.1B
+    Llama's shapes the full SVDs took 119 s a round. Where R >= min(m, n) the core is no smaller
+    than the product, which is then decomposed directly."""
+    b_s = torch.cat([float(w) * b.double() for b, w in zip(bs, weights, strict=True)], dim=1)
+    a_s = torch.cat([a.double() for a in as_], dim=0)
+    if b_s.shape[1] >= min(b_s.shape[0], a_s.shape[1]):
+        return svd_factors(b_s @ a_s, rank)
+    q_b, r_b = torch.linalg.qr(b_s)
+    q_a, r_a = torch.linalg.qr(a_s.T)
+    u_c, s, vh_c = torch.linalg.svd(r_b @ r_a.T)
+    return _balanced_factors(q_b @ u_c, s, vh_c @ q_a.T, rank)
+
+
+def _balanced_factors(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """B = U_r sqrt(S_r), A = sqrt(S_r) V_r^T, signs fixed, zero-padded to `rank` columns/rows."""
     u, s, vh = u[:, :rank], s[:rank], vh[:rank]
     signs = torch.sign(u.gather(0, u.abs().argmax(0, keepdim=True))).squeeze(0)
     signs[signs == 0] = 1
@@ -130,9 +155,8 @@ def aggregate_factors(rule: str, global_state: State, uploads: Sequence[State], 
         if rule == "svd":
             a, b = key(name, "lora_A"), key(name, "lora_B")
             rank = global_state[b].shape[1]
-            mean_product = sum(float(w) * (u[b].double() @ u[a].double()) for u, w in zip(uploads, weights,
-                                                                                        strict=True))
-            new_b, new_a = svd_factors(mean_product, rank)
+            new_b, new_a = svd_factors_of_sum([u[b] for u in uploads], [u[a] for u in uploads],
+                                              [float(w) for w in weights], rank)
             new[b], new[a] = new_b.to(global_state[b].dtype), new_a.to(global_state[a].dtype)
             continue
         for component in trained:
