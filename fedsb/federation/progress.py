@@ -16,8 +16,8 @@ from flwr.serverapp import Grid
 
 # Between pulls that returned nothing: from POLL_MIN_S, growing by POLL_GROWTH to POLL_MAX_S, and back
 # to POLL_MIN_S after a pull that brought replies. A fixed 0.5 s cost each exchange 0.25 s on average
-# after its last reply (a round of a small simulation takes a few seconds); polling fast only while
-# replies are coming keeps a deployment's idle SuperLink from being asked 50 times a second.
+# after its last reply (a round of a small simulation takes a few seconds); backing off while nothing
+# comes keeps a deployment's SuperLink from being asked 100 times a second through a long round.
 POLL_MIN_S = 0.01
 POLL_MAX_S = 0.5
 POLL_GROWTH = 1.5
