@@ -566,7 +566,7 @@ def test_every_shipped_sweep_starts_with_its_command_and_every_cell_validates():
                 assert str(err).startswith("data.source: got") and on_sst2, (path, err)
         sizes[path.stem] = spec.cells()
     assert {name: len(cells) for name, cells in sizes.items()} == {
-        "comm": 12, "hetero_ranks": 31, "inits": 25, "paper_private": 10, "privacy": 16, "sst2": 19}
+        "comm": 12, "hetero_ranks": 34, "inits": 25, "paper_private": 10, "privacy": 16, "sst2": 19}
     # SST-2 (successive halving): every lr of every method on seed 0, one lr per setting on seeds 1, 2.
     sst2 = sizes["sst2"]
     setting = lambda c: (c.overrides["method.name"], c.overrides.get("federation.centralised", False))  # noqa: E731
