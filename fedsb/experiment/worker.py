@@ -19,7 +19,8 @@ import math
 import os
 import random
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -158,8 +159,7 @@ class Worker:
         seed = hash_seed(self.config.seed, server_round, partition_id)
         torch.manual_seed(seed)  # dropout: reproducible per (seed, round, client)
         before_step = self.nested_rank_sampler(rank, seed) if t.nested_ranks else None
-        set_active_rank(self.model, rank)
-        try:
+        with self.at_rank(rank):
             if ledger is not None:
                 from fedsb.training.privacy.dpsgd import train_local_private
 
@@ -177,9 +177,18 @@ class Worker:
             result = train_local(self.model, self.method, batches(), t.local_steps, t.lr, t.optimizer,
                                  before_step=before_step)
             return self.upload(rank), result
+
+    @contextmanager
+    def at_rank(self, rank: int | None) -> Iterator[None]:
+        """The model with its adapters' active rank set (None: all of it) for one piece of work; after
+        it, the full rank again, and the work's freed memory (activations) given back to the OS, so a
+        process does not hold it while other clients work (fedsb.core.memory)."""
+        set_active_rank(self.model, rank)
+        try:
+            yield
         finally:
             set_active_rank(self.model, None)
-            release_free_memory()  # the steps' activations: not held while other clients train
+            release_free_memory()
 
     def client_rank(self, received: State) -> int:
         """The rank of the adapter a client was sent: the server decides (federation.client_ranks),
@@ -251,13 +260,9 @@ class Worker:
     def evaluate_client(self, partition_id: int, state: State) -> dict[str, float]:
         rank = self.client_rank(state)
         load_state(self.model, self.method.client_state(state, self.computed_fixed_state))
-        set_active_rank(self.model, rank)
-        try:
+        with self.at_rank(rank):
             return evaluate(self.model, iterate_batches(self.client_tokens(partition_id),
                                                         self.config.eval.batch_size, shuffle=False))
-        finally:
-            set_active_rank(self.model, None)
-            release_free_memory()
 
     # -- server side -----------------------------------------------------------------------
     def _gradients(self, data: dict[str, torch.Tensor], num_samples: int) -> dict[str, torch.Tensor]:
@@ -298,12 +303,8 @@ class Worker:
             raise ValueError(f"split must be 'validation' or 'test', got {split!r}")
         load_state(self.model, state)
         tokens = self.validation_tokens if split == "validation" else self.test_tokens
-        set_active_rank(self.model, rank)
-        try:
+        with self.at_rank(rank):
             return self._evaluate(tokens, split)
-        finally:
-            set_active_rank(self.model, None)
-            release_free_memory()
 
     def _evaluate(self, tokens: dict[str, torch.Tensor], split: str) -> dict[str, float]:
         metrics = evaluate(self.model, iterate_batches(tokens, self.config.eval.batch_size, shuffle=False))
