@@ -98,7 +98,9 @@ def test_a_killed_flwr_run_resumes_with_fedsb_run_resume(tmp_path):
     import sys
     import time
 
-    overrides = ["--set", "federation.rounds=3", "--set", "federation.clients_per_round=0.5",
+    # 12 rounds: after round 1 (its first, with the actors' start-up) a tiny round takes about 0.1 s, so
+    # 3 rounds could end, summary and all, between two looks for round 1's checkpoint.
+    overrides = ["--set", "federation.rounds=12", "--set", "federation.clients_per_round=0.5",
                  "--set", f"output_dir={tmp_path / 'runs'}"]
     import shutil
     import tempfile
@@ -117,7 +119,7 @@ def test_a_killed_flwr_run_resumes_with_fedsb_run_resume(tmp_path):
         if found and json.loads(found[0].read_text())["round"] >= 1:
             run_dir = found[0].parent.parent
             break
-        time.sleep(0.5)
+        time.sleep(0.05)
     assert proc.poll() is None, f"fedsb run ended before it could be stopped: {proc.stdout.read()[-3000:]}"
     os.killpg(proc.pid, signal.SIGKILL)  # the crash: fedsb, its SuperLink and the simulation at once
     proc.wait()
