@@ -1,5 +1,5 @@
 """The adapter inits beside the aggregation (docs/architecture.md section 3): OLoRA, PiSSA and LoRA-GA,
-each cross-checked against PEFT 0.21 on the same tiny model (same weights, same gradient); the model
+each cross-checked against PEFT (>= 0.22, the project's floor) on the same tiny model (same weights, same gradient); the model
 unchanged at step 0; exactness under every LoRA-based method; the meter against the closed form; the
 PEFT export; and the config's one-line errors.
 
@@ -11,10 +11,10 @@ Where fedsb deliberately differs from PEFT, the test says so and bounds the diff
   without transposing (so it factors W0^T, and on a non-square Conv1D its factors do not fit the
   layer). fedsb factors W0 (out x in), and is compared with PEFT on Linear copies of those modules.
 - LoRA-GA's scale: fedsb follows the authors' code (A = V_{1..r}^T f, B = U_{r+1..2r} f, with
-  f = m^(1/4) / sqrt(gamma), m the out features); PEFT 0.21 scales A by 1 and B by S_{r+1..2r} f. So
+  f = m^(1/4) / sqrt(gamma), m the out features); PEFT scales A by 1 and B by S_{r+1..2r} f. So
   fedsb's A is PEFT's times f, and fedsb's B is PEFT's divided by the gradient's singular values
-  S_{r+1..2r}. On a Conv1D, PEFT's m is the stored weight's first dimension, the in features: fedsb's
-  B is then also PEFT's times (out / in)^(1/4).
+  S_{r+1..2r}. (PEFT before 0.22 took m from a Conv1D's stored weight, its in features; 0.22 takes the
+  out features, as the authors do, and is the floor in pyproject.toml.)
 - Randomized SVD on large modules (min(m, n) >= 1024) for PiSSA and LoRA-GA: bounded by
   test_pissa_on_a_large_module_is_within_the_randomized_svd_bound (the base offset compensates exactly
   whatever the SVD).
@@ -163,9 +163,7 @@ def test_each_init_equals_peft_on_the_same_model(arch, init):
             spec = method.specs[name]
             singular = torch.linalg.svdvals(gradients[name].double())[RANK:2 * RANK].float()
             factor = spec.out_features ** 0.25 / math.sqrt(LORA_GA_GAMMA)
-            # PEFT's m is the stored weight's first dimension: in_features for a Conv1D.
-            peft_factor = (spec.in_features if spec.conv1d else spec.out_features) ** 0.25 / math.sqrt(16)
-            peft_a, peft_b = p["A"] * factor, p["B"] / singular * (factor / peft_factor)
+            peft_a, peft_b = p["A"] * factor, p["B"] / singular
             a_signs, b_signs = align_rows(a, peft_a), align_rows(b.T, peft_b.T)  # two singular index sets
         else:
             peft_a, peft_b = p["A"], p["B"]
