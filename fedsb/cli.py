@@ -345,7 +345,7 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _run_run(args: argparse.Namespace) -> int:
     from fedsb.experiment.config import parse_override
-    from fedsb.ops.launch import prepare_run, run_simulation
+    from fedsb.ops.launch import DEFAULT_ENGINE, ENGINES, prepare_run
 
     overrides = dict(parse_override(item) for item in args.set)
     if args.config is None and args.resume is None:
@@ -357,9 +357,10 @@ def _run_run(args: argparse.Namespace) -> int:
         print(format_plan(plan))
         print(f"fedsb run --check: {args.config} is ready to run")
         return 0
-    outcome = run_simulation(args.config, overrides, app_dir=args.app, cpus_per_client=args.cpus_per_client,
-                             gpus_per_client=args.gpus_per_client, resume=args.resume,
-                             stream=not args.quiet, echo=lambda line: print(line, flush=True))
+    runner = ENGINES[args.engine or DEFAULT_ENGINE]
+    outcome = runner(args.config, overrides, app_dir=args.app, cpus_per_client=args.cpus_per_client,
+                     gpus_per_client=args.gpus_per_client, resume=args.resume,
+                     stream=not args.quiet, echo=lambda line: print(line, flush=True))
     return 0 if outcome.ok else 1
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import shutil
 import signal
 import tempfile
@@ -135,6 +136,11 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: %(default)s, the CPU)")
     parser.add_argument("--app", type=Path, default=None, metavar="DIR",
                         help="the Flower app directory (default: the fedsb project root)")
+    parser.add_argument("--engine", choices=sorted(ENGINES), default=None,
+                        help="flower: a Flower simulation through a private SuperLink (the default); "
+                             "inprocess: the same ServerApp and ClientApp over an in-process grid, the "
+                             "clients in one worker process per core (no SuperLink, no Ray): the same "
+                             "numbers, less start-up (a sweep file's `engine:` otherwise)")
 
 
 class LocalSimulation:
@@ -391,3 +397,98 @@ def _federation(config: ExperimentConfig, cpus_per_client: int, gpus_per_client:
     if gpus_per_client > 0:
         federation += f" client-resources-num-gpus={gpus_per_client:g}"
     return federation
+
+
+def run_in_process_engine(config_path: str | Path | None, overrides: Mapping[str, Any] | None = None, *,
+                          app_dir: Path | None = None, cpus_per_client: int = 1,
+                          gpus_per_client: float = 0.0, stream: bool = True,
+                          resume: str | Path | None = None, echo: Callable[[str], None] = print,
+                          timeout_s: float = 6 * 3600, simulation: LocalSimulation | None = None,
+                          client_processes: int | None = None) -> RunOutcome:
+    """`fedsb run --engine inprocess`: the run of `run_simulation`, with the same checks, run directory,
+    ServerApp and ClientApp, over fedsb.federation.inprocess's grid instead of a SuperLink: the
+    clients run in `client_processes` worker processes (default: one per `cpus_per_client` cores, or
+    per `gpus_per_client` share of a GPU), each with `cpus_per_client` torch threads, as Flower's Ray
+    actors have. Flower's runtime (SuperLink, SuperExec, Ray) is not started, which saves its start-up
+    and memory; `tests/test_engines.py` holds the two engines equal, metrics, bytes and adapter.
+
+    The server's log goes to <run dir>/run.log (and to `echo` with `stream`). A run that raises is
+    returned as `finished:failed` with its reason, as Flower reports a failed run. `app_dir`,
+    `timeout_s` and `simulation` are accepted for the runner's signature and not used."""
+    import os
+
+    from fedsb.federation.inprocess import run_in_process
+
+    del app_dir, timeout_s, simulation
+    start = time.monotonic()
+    if resume is not None:
+        run_dir = Path(resume).expanduser().resolve()
+        config = load_config(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else None
+        if config is None:
+            raise ValueError(f"--resume {run_dir}: not a run directory (no config.yaml)")
+        if (run_dir / "summary.json").is_file():
+            echo(f"fedsb run: {run_dir} has finished (summary.json); nothing to resume")
+            return RunOutcome(None, COMPLETED, "already finished", run_dir, 0.0)
+        if not has_checkpoint(run_dir):
+            raise ValueError(f"--resume {run_dir}: no checkpoint (the run stopped before its first round "
+                             "ended); start it again")
+    else:
+        config = prepare_run_isolated(config_path, overrides, cpus_per_client, gpus_per_client)
+        run_dir = run_dir_for(config)
+        write_config(run_dir, config.to_dict())
+    if client_processes is None:
+        share = int(1 / gpus_per_client) if gpus_per_client > 0 else (os.cpu_count() or 1) // cpus_per_client
+        client_processes = max(1, min(share, config.federation.num_clients))
+    echo(f"fedsb run: {config.method.name}, rank {config.method.rank}, {config.federation.num_clients} "
+         f"clients, {config.federation.rounds} rounds, in-process engine ({client_processes} client "
+         f"process(es)) -> {run_dir}")
+    run_config = {"config": str(run_dir / "config.yaml"), "run-dir": str(run_dir),
+                  "assign-partitions": True, "resume": resume is not None}
+    handler = _RunLogHandler(run_dir / "run.log", echo if stream else None)
+    flower_logger = logging.getLogger("flwr")
+    console_levels = {h: h.level for h in flower_logger.handlers}
+    for console in console_levels:  # the lines go to `echo` (plain) instead of Flower's coloured console
+        console.setLevel(logging.WARNING)
+    flower_logger.addHandler(handler)
+    status, details = f"{FINISHED}:failed", ""
+    try:
+        run_in_process(run_config, config.federation.num_clients, client_threads=cpus_per_client,
+                       client_processes=client_processes)
+        status = COMPLETED
+    except Exception as err:  # noqa: BLE001 - a failed run is an outcome, as Flower reports one
+        details = f"{type(err).__name__}: {err}"
+        handler.emit(logging.makeLogRecord({"msg": f"run failed: {details}", "levelno": logging.ERROR}))
+    finally:
+        flower_logger.removeHandler(handler)
+        handler.close()
+        for console, level in console_levels.items():
+            console.setLevel(level)
+    outcome = RunOutcome(None, status, details, run_dir, time.monotonic() - start)
+    echo(f"fedsb run: {status}{': ' + details if details else ''} in {outcome.elapsed_s:.0f} s; "
+         f"results in {run_dir}")
+    return outcome
+
+
+class _RunLogHandler(logging.Handler):
+    """The server's log lines (Flower's logger) to a file, and to `echo` when given."""
+
+    def __init__(self, path: Path, echo: Callable[[str], None] | None):
+        super().__init__()
+        self.file = open(path, "a")  # noqa: SIM115 - closed by close()
+        self.echo = echo
+
+    def emit(self, record: logging.LogRecord) -> None:
+        line = record.getMessage()
+        self.file.write(line + "\n")
+        self.file.flush()
+        if self.echo is not None:
+            self.echo(line)
+
+    def close(self) -> None:
+        self.file.close()
+        super().close()
+
+
+# `fedsb run --engine` and a sweep's `engine:` choose one of these runners (one signature).
+ENGINES: dict[str, Callable[..., RunOutcome]] = {"flower": run_simulation, "inprocess": run_in_process_engine}
+DEFAULT_ENGINE = "flower"

@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     # The bar on a terminal only: in a log file its redraws would be noise beside the per-cell lines.
     result = run_sweep(args.sweep, stream=args.stream, cpus_per_client=args.cpus_per_client,
-                       gpus_per_client=args.gpus_per_client, app_dir=args.app,
+                       gpus_per_client=args.gpus_per_client, app_dir=args.app, engine=args.engine,
                        echo=_print, progress=sys.stderr if sys.stderr.isatty() else None)
     return 1 if result.failed else 0
 

@@ -7,6 +7,8 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from fedsb.analysis.sweep.compare import MARGIN, PairedDifference
+from fedsb.analysis.sweep.stats import interval_text
 from fedsb.analysis.sweep.table import COMPLETED
 from fedsb.analysis.sweep.tuning import Stat, TunedGroup
 
@@ -32,11 +34,26 @@ def tuned_table(groups: Sequence[TunedGroup]) -> list[str]:
     """The tuned results as aligned text lines: a header and a line per group."""
     if not groups:
         return []
-    header = ["group", groups[0].tune_key, "seeds", "val acc", "test acc", "final-round test acc",
-              "bytes total"]
+    header = ["group", groups[0].tune_key, "seeds", "val acc", "test acc [95% CI]",
+              "final-round test acc [95% CI]", "bytes total"]
     rows = [[g.label, g.chosen.value if g.chosen else "–", str(g.seeds), mean_std_text(g.val_accuracy),
-             mean_std_text(g.test_accuracy), mean_std_text(g.final_test_accuracy),
+             interval_text(g.test_interval), interval_text(g.final_test_interval),
              human_bytes(g.bytes_total.mean)] for g in groups]
+    return _aligned(header, rows)
+
+
+def paired_table(pairs: Sequence[PairedDifference]) -> list[str]:
+    """The paired differences as aligned text lines: a - b over the shared seeds, and what it decides."""
+    header = ["context", "a", "b", "seeds", "a - b [95% CI]", "a more accurate",
+              f"a reaches b (margin {MARGIN})", "bytes a/b"]
+    rows = [[p.context or "–", p.a.label, p.b.label, str(len(p.seeds)),
+             interval_text(p.interval, signed=True), p.more_accurate, p.reaches,
+             "–" if p.bytes_ratio is None else f"{p.bytes_ratio:.3f}"]
+            for p in pairs]
+    return _aligned(header, rows)
+
+
+def _aligned(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]]
 

@@ -29,9 +29,10 @@ from typing import Any, Protocol, TextIO
 
 from tqdm import tqdm
 
+from fedsb.analysis.sweep.compare import PAIRED_CSV, paired_differences, write_paired
 from fedsb.analysis.sweep.outputs import config_fields, result_fields
-from fedsb.analysis.sweep.report import cell_outcome, tuned_table
-from fedsb.analysis.sweep.spec import Cell, SweepSpec, format_value, load_sweep, record_pin
+from fedsb.analysis.sweep.report import cell_outcome, paired_table, tuned_table
+from fedsb.analysis.sweep.spec import RESULT_FILES, Cell, SweepSpec, format_value, load_sweep, record_pin
 from fedsb.analysis.sweep.table import (
     COMPLETED,
     ERROR,
@@ -85,20 +86,27 @@ class SweepResult:
 
 def run_sweep(path: str | Path, *, runner: Runner | None = None, stream: bool = False,
               cpus_per_client: int = 1, gpus_per_client: float = 0.0, app_dir: Path | None = None,
-              echo: Callable[[str], None] = print, progress: TextIO | None = None) -> SweepResult:
+              engine: str | None = None, echo: Callable[[str], None] = print,
+              progress: TextIO | None = None) -> SweepResult:
     """Run every cell not yet completed, appending one sweep.csv row per cell as it ends.
 
+    `engine` (flower | inprocess; default: the sweep file's `engine`, else flower) runs the cells;
     `echo` gets the per-cell lines; `progress` (e.g. sys.stderr), if given, shows a tqdm bar over
     the sweep's cells (the cells completed earlier count as done from the start).
     """
     spec = load_sweep(path)
     record_pin(spec)
     with contextlib.ExitStack() as stack:
-        if runner is None:  # every cell through one SuperLink (started by the first cell that runs)
-            from fedsb.ops.launch import LocalSimulation, run_simulation
+        if runner is None:
+            from fedsb.ops.launch import DEFAULT_ENGINE, ENGINES, LocalSimulation, run_simulation
 
-            simulation = stack.enter_context(LocalSimulation(echo))
-            runner = functools.partial(run_simulation, simulation=simulation)
+            name = engine or spec.engine or DEFAULT_ENGINE
+            echo(f"fedsb sweep: engine {name}")
+            if ENGINES[name] is run_simulation:  # every cell through one SuperLink, started by the first
+                simulation = stack.enter_context(LocalSimulation(echo))
+                runner = functools.partial(run_simulation, simulation=simulation)
+            else:
+                runner = ENGINES[name]
         return _run_cells(spec, path, runner, stream=stream, cpus_per_client=cpus_per_client,
                           gpus_per_client=gpus_per_client, app_dir=app_dir, echo=echo, progress=progress)
 
@@ -118,6 +126,7 @@ def _run_cells(spec: SweepSpec, path: str | Path, runner: Runner, *, stream: boo
         echo(f"[{cell.index}/{len(cells)}] skip {cell.label}: completed earlier (test accuracy {accuracy})")
 
     ran: list[dict[str, Any]] = []
+    started = time.monotonic()
     with tqdm(total=len(cells), initial=len(skipped), unit="cell", desc="fedsb sweep", file=progress,
               disable=progress is None, dynamic_ncols=True) as bar:
         for cell in todo:
@@ -133,7 +142,10 @@ def _run_cells(spec: SweepSpec, path: str | Path, runner: Runner, *, stream: boo
                 raise
             append_row(csv_path, spec.columns, row)
             ran.append(row)
+            if spec.keep == "results" and row["status"] == COMPLETED:
+                keep_results_only(spec.output_dir / row["run_dir"])
             echo(f"[{cell.index}/{len(cells)}] {cell_outcome(row)}")
+            echo(pace(len(ran), len(todo), time.monotonic() - started))
             if row.get("privacy_requested") == "true" and row.get("private") == "false":
                 echo(f"    warning: privacy.enabled was set but the run's privacy status is "
                      f"'{row['privacy_status']}': it is recorded and plotted as not private")
@@ -152,9 +164,16 @@ def _run_cells(spec: SweepSpec, path: str | Path, runner: Runner, *, stream: boo
     write_tuned(tuned_path, result.tuned)
     over = f"seeds {', '.join(map(str, spec.tune_seeds))}" if spec.tune_seeds else "the completed seeds"
     echo(f"fedsb sweep: {spec.tune} chosen per group on validation accuracy (mean over {over}); "
-         f"accuracies are mean ± std over seeds; written to {tuned_path}")
+         f"test accuracies are means [95% CI] over seeds; written to {tuned_path}")
     for line in tuned_table(result.tuned):
         echo(f"    {line}")
+    pairs = paired_differences(result.tuned, spec.compare)
+    write_paired(spec.output_dir / PAIRED_CSV, pairs)
+    if pairs:
+        echo(f"fedsb sweep: paired differences over seeds (a - b, mean [95% CI]); written to "
+             f"{spec.output_dir / PAIRED_CSV}")
+        for line in paired_table(pairs):
+            echo(f"    {line}")
     return result
 
 
@@ -195,6 +214,29 @@ def run_cell(spec: SweepSpec, cell: Cell, runner: Runner, *, stream: bool = Fals
         else str(run_dir)
     row.update(result_fields(run_dir))
     return _finish(row)
+
+
+def pace(done: int, todo: int, elapsed_s: float) -> str:
+    """'3/40 cells of this invocation in 12 min: 15.0 cells/h, about 2 h 28 min left'."""
+    per_hour = done / elapsed_s * 3600 if elapsed_s > 0 else 0.0
+    left_s = (todo - done) * elapsed_s / done if done else 0.0
+    hours, minutes = divmod(round(left_s / 60), 60)
+    left = f"{hours} h {minutes} min" if hours else f"{minutes} min"
+    return (f"fedsb sweep: {done}/{todo} cells of this invocation in {elapsed_s / 60:.0f} min: "
+            f"{per_hour:.1f} cells/h, about {left} left")
+
+
+def keep_results_only(run_dir: Path) -> None:
+    """A study's cell keeps its small outputs (RESULT_FILES) and nothing else: no weights, no
+    prepared tokens, no checkpoints (`keep: results` in the sweep file)."""
+    if not run_dir.is_dir():
+        return
+    for path in sorted(run_dir.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        if path.is_dir():
+            if not any(path.iterdir()):
+                path.rmdir()
+        elif path.relative_to(run_dir).as_posix() not in RESULT_FILES:
+            path.unlink()
 
 
 def _finish(row: dict[str, Any]) -> dict[str, Any]:

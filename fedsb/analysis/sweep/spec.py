@@ -49,7 +49,12 @@ import yaml
 
 from fedsb.experiment.config import ExperimentConfig, flatten, load_yaml
 
-TOP_LEVEL_KEYS = ("base", "output_dir", "set", "grid", "tune")
+TOP_LEVEL_KEYS = ("base", "output_dir", "set", "grid", "tune", "engine", "keep", "compare")
+ENGINE_NAMES = ("flower", "inprocess")  # fedsb.ops.launch.ENGINES (not imported: it is the launcher's)
+# What a completed cell's run directory keeps: everything, or the small outputs a study commits
+# (results/<study>/: the weights, prepared tokens and checkpoints are deleted once the cell is recorded).
+KEEP_CHOICES = ("all", "results")
+RESULT_FILES = ("config.yaml", "summary.json", "metrics.jsonl", "comm.csv")
 PIN_FILE = "sweep.json"  # in the sweep directory: the settings every cell shares, and the grid
 RESERVED_KEYS = ("output_dir",)  # the sweep sets each cell's output_dir itself
 
@@ -90,6 +95,11 @@ class SweepSpec:
     axes: tuple[Axis, ...]
     tune: str | None = None  # the config key chosen per group on validation accuracy
     tune_seeds: tuple[int, ...] | None = None  # choose on these seeds' validation only (None: every seed)
+    engine: str | None = None  # flower | inprocess; None: the command line's, else flower
+    keep: str = "all"  # all | results (KEEP_CHOICES)
+    # The setting every other one is compared with, seed by seed (paired differences), e.g.
+    # {method.name: fedsb}; None: no paired comparison but against the centralised reference.
+    compare: dict[str, Any] | None = None
 
     @property
     def columns(self) -> list[str]:
@@ -282,7 +292,23 @@ def load_sweep(path: str | Path) -> SweepSpec:
         if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
             raise SweepError(f"tune.seeds: expected a non-empty list of seeds, got {seeds!r}")
         tune, tune_seeds = tune.get("key"), tuple(seeds)
-    return SweepSpec(path, base, output_dir, fixed, axes, _check_tune(tune, list(owner)), tune_seeds)
+    engine = data.get("engine")
+    if engine is not None and engine not in ENGINE_NAMES:
+        raise SweepError(f"engine: got {engine!r}; accepted: {' or '.join(ENGINE_NAMES)}")
+    keep = data.get("keep", "all")
+    if keep not in KEEP_CHOICES:
+        raise SweepError(f"keep: got {keep!r}; accepted: {' or '.join(KEEP_CHOICES)}")
+    compare = data.get("compare")
+    if compare is not None:
+        if not isinstance(compare, Mapping) or not compare:
+            raise SweepError("compare: expected a mapping of grid keys to values, e.g. "
+                             f"{{method.name: fedsb}}, got {compare!r}")
+        for k in compare:
+            if k not in owner:
+                raise SweepError(f"compare.{k}: not set by any grid axis (grid keys: {', '.join(owner)})")
+        compare = dict(compare)
+    return SweepSpec(path, base, output_dir, fixed, axes, _check_tune(tune, list(owner)), tune_seeds,
+                     engine, keep, compare)
 
 
 def _check_tune(tune: Any, grid_keys: Sequence[str]) -> str | None:

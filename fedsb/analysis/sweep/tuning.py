@@ -27,13 +27,16 @@ from pathlib import Path
 from typing import Any
 
 from fedsb.analysis.sweep.spec import format_value, unique
+from fedsb.analysis.sweep.stats import Interval, t_interval
 from fedsb.analysis.sweep.table import COMPLETED, csv_value, latest_rows
 
 LABELLED_KEYS = ("method.name", "method.rank", "federation.centralised")  # said by setting_label itself
 TUNED_FIELDS = (
     "group", "method", "method_label", "rank", "centralised", "tune_key", "tune_value", "seeds",
     "seeds_failed", "val_accuracy_mean", "test_accuracy_mean", "test_accuracy_std",
-    "final_test_accuracy_mean", "final_test_accuracy_std", "bytes_up_mean", "bytes_down_mean",
+    "test_accuracy_ci95_low", "test_accuracy_ci95_high", "test_accuracy_ci95_half_width",
+    "final_test_accuracy_mean", "final_test_accuracy_std", "final_test_accuracy_ci95_low",
+    "final_test_accuracy_ci95_high", "bytes_up_mean", "bytes_down_mean",
     "bytes_total_mean", "elapsed_s_mean",
     "test_accuracy_at_rank_mean",  # clients of different ranks: {"4": mean over seeds, ...} (JSON)
     "candidates",
@@ -99,10 +102,22 @@ class TunedGroup:
     # The chosen cells' adapters truncated to each rank (summary.json test_accuracy_at_rank), by rank.
     test_accuracy_at_rank: dict[str, Stat] = dataclasses.field(default_factory=dict)
     select_seeds: tuple[int, ...] | None = None  # the seeds whose validation chose (None: every seed)
+    # seed (sweep.csv text) -> the chosen cell's test accuracy, and after the last round: for pairing
+    test_by_seed: dict[str, float] = dataclasses.field(default_factory=dict)
+    final_test_by_seed: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
     def seeds(self) -> int:
         return self.chosen.seeds if self.chosen else 0
+
+    @property
+    def test_interval(self) -> Interval | None:
+        """The mean test accuracy and its 95% confidence interval over the seeds."""
+        return t_interval(list(self.test_by_seed.values()))
+
+    @property
+    def final_test_interval(self) -> Interval | None:
+        return t_interval(list(self.final_test_by_seed.values()))
 
 
 def _number(value: Any) -> float | None:
@@ -188,7 +203,14 @@ def _tune_group(grid: dict[str, str], rows: list[Mapping[str, Any]], varied: Seq
                       bytes_down=Stat.of(_values(done, "bytes_down")),
                       bytes_total=Stat.of(_values(done, "bytes_total") or totals),
                       elapsed_s=Stat.of(_values(done, "elapsed_s")),
-                      test_accuracy_at_rank=_at_rank(done))
+                      test_accuracy_at_rank=_at_rank(done),
+                      test_by_seed=_by_seed(done, "test_accuracy"),
+                      final_test_by_seed=_by_seed(done, "final_test_accuracy"))
+
+
+def _by_seed(rows: Sequence[Mapping[str, Any]], name: str) -> dict[str, float]:
+    """seed -> the rows' value of `name` (rows without a number left out)."""
+    return {_text(r.get("seed")): v for r in rows if (v := _number(r.get(name))) is not None}
 
 
 def _at_rank(rows: Sequence[Mapping[str, Any]]) -> dict[str, Stat]:
@@ -218,12 +240,25 @@ def tuned_row(group: TunedGroup) -> dict[str, Any]:
             "tune_value": chosen.value if chosen else None, "seeds": group.seeds,
             "seeds_failed": chosen.failed if chosen else None, "val_accuracy_mean": group.val_accuracy.mean,
             "test_accuracy_mean": group.test_accuracy.mean, "test_accuracy_std": group.test_accuracy.std,
+            **_ci_fields("test_accuracy", group.test_interval),
             "final_test_accuracy_mean": group.final_test_accuracy.mean,
-            "final_test_accuracy_std": group.final_test_accuracy.std, "bytes_up_mean": group.bytes_up.mean,
+            "final_test_accuracy_std": group.final_test_accuracy.std,
+            **_ci_fields("final_test_accuracy", group.final_test_interval, half_width=False),
+            "bytes_up_mean": group.bytes_up.mean,
             "bytes_down_mean": group.bytes_down.mean, "bytes_total_mean": group.bytes_total.mean,
             "elapsed_s_mean": group.elapsed_s.mean,
             "test_accuracy_at_rank_mean": _at_rank_text(group.test_accuracy_at_rank),
             "candidates": candidates}
+
+
+def _ci_fields(name: str, interval: Interval | None, half_width: bool = True) -> dict[str, Any]:
+    """The 95% interval's ends (and half width) as tuned.csv columns; empty with fewer than two seeds."""
+    known = interval is not None and interval.n > 1
+    fields = {f"{name}_ci95_low": interval.low if known else None,
+              f"{name}_ci95_high": interval.high if known else None}
+    if half_width:
+        fields[f"{name}_ci95_half_width"] = interval.half_width if known else None
+    return fields
 
 
 def _at_rank_text(by_rank: Mapping[str, Stat]) -> str | None:

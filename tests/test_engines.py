@@ -1,0 +1,68 @@
+"""The two engines run the same run: a Flower simulation (`engine: flower`, through a private SuperLink
+and Ray) and the in-process grid with its clients in worker processes (`engine: inprocess`) give every
+registered method the same metrics every round, the same comm.csv, the same summary and the same final
+adapter, to the bit. Both go through `fedsb sweep`, one sweep per engine (slow: real Flower runs)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from fedsb.analysis.sweep.runner import run_sweep
+from fedsb.analysis.sweep.table import COMPLETED, read_rows
+from fedsb.experiment.summary import read_metrics
+from fedsb.methods import method_names
+
+TINY = Path(__file__).resolve().parent / "configs" / "tiny.yaml"
+TIMING = ("wall_s", "elapsed_s", "run_dir")  # the only fields allowed to differ
+
+
+def sweep_file(tmp_path: Path, engine: str) -> Path:
+    path = tmp_path / f"{engine}.yaml"
+    data = {"base": str(TINY), "output_dir": str(tmp_path / engine), "engine": engine,
+            "grid": {"method.name": method_names()}}
+    path.write_text(f"# Run: fedsb sweep {path.name}\n" + yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def metric_rows(run_dir: Path) -> list[dict]:
+    return [{k: v for k, v in row.to_dict().items() if k not in TIMING} for row in read_metrics(run_dir)]
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("engines")
+    out = {}
+    for engine in ("flower", "inprocess"):
+        lines: list[str] = []
+        result = run_sweep(sweep_file(tmp_path, engine), echo=lines.append)
+        assert not result.failed, lines[-30:]
+        assert f"fedsb sweep: engine {engine}" in lines
+        rows = read_rows(result.csv_path)[1]
+        out[engine] = {r["method"]: result.spec.output_dir / r["run_dir"] for r in rows
+                       if r["status"] == COMPLETED}
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", method_names())
+def test_the_in_process_engine_runs_the_flower_run_to_the_bit(engines, method):
+    flower, local = engines["flower"][method], engines["inprocess"][method]
+    assert metric_rows(local) == metric_rows(flower) and len(metric_rows(flower)) == 3  # rounds 0, 1, 2
+    assert (local / "comm.csv").read_text() == (flower / "comm.csv").read_text()
+    summaries = [json.loads((d / "summary.json").read_text()) for d in (local, flower)]
+    for summary in summaries:
+        for name in TIMING:
+            summary.pop(name, None)
+    assert summaries[0] == summaries[1]
+    assert summaries[1]["method"] == method and summaries[1]["rounds_completed"] == 2
+    adapters = [load_file(d / "adapter" / "adapter_model.safetensors") for d in (local, flower)]
+    assert adapters[0].keys() == adapters[1].keys() and len(adapters[1]) > 0
+    for k, value in adapters[1].items():
+        assert torch.equal(adapters[0][k], value), k
+    assert (local / "run.log").is_file() and "round 2" in (local / "run.log").read_text()
