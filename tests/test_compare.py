@@ -104,8 +104,8 @@ def test_tuned_csv_has_the_interval_and_paired_csv_the_differences(tmp_path):
     assert len(fedsb_fedit) == 1
     row = fedsb_fedit[0]
     by_seed = {m: {r["seed"]: float(r["test_accuracy"]) for r in rows if r["method"] == m
-                   and r["train.lr"] == "0.01" and r["partition.scheme"] == "iid" and r["centralised"] == "false"}
-               for m in ("fedsb", "fedit")}
+                   and r["train.lr"] == "0.01" and r["partition.scheme"] == "iid"
+                   and r["centralised"] == "false"} for m in ("fedsb", "fedit")}
     diffs = [by_seed["fedsb"][s] - by_seed["fedit"][s] for s in by_seed["fedsb"]]
     assert float(row["diff_mean"]) == pytest.approx(np.mean(diffs))
     assert float(row["diff_high"]) - float(row["diff_mean"]) == pytest.approx(
@@ -129,8 +129,8 @@ def test_paired_differences_use_only_the_seeds_both_completed(tmp_path):
 
 def test_keep_results_leaves_only_the_small_outputs(tmp_path):
     run_dir = tmp_path / "run"
-    for name in (*RESULT_FILES, "adapter/adapter_model.safetensors", "prepared/base.pt", "checkpoint/state.pt",
-                 "partition.png"):
+    for name in (*RESULT_FILES, "adapter/adapter_model.safetensors", "prepared/base.pt",
+                 "checkpoint/state.pt", "partition.png"):
         (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
         (run_dir / name).write_text("x")
     keep_results_only(run_dir)

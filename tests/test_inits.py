@@ -1,7 +1,7 @@
 """The adapter inits beside the aggregation (docs/architecture.md section 3): OLoRA, PiSSA and LoRA-GA,
-each cross-checked against PEFT (>= 0.22, the project's floor) on the same tiny model (same weights, same gradient); the model
-unchanged at step 0; exactness under every LoRA-based method; the meter against the closed form; the
-PEFT export; and the config's one-line errors.
+each cross-checked against PEFT (>= 0.22, the project's floor) on the same tiny model (same weights,
+same gradient); the model unchanged at step 0; exactness under every LoRA-based method; the meter
+against the closed form; the PEFT export; and the config's one-line errors.
 
 Where fedsb deliberately differs from PEFT, the test says so and bounds the difference:
 - SVDs and QRs in float64 (PEFT: float32), and a fixed sign for each singular pair or QR column (an

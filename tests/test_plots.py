@@ -379,13 +379,16 @@ def test_a_tuned_sweep_is_reported_per_group_at_the_value_chosen_on_validation(t
     assert list(fedsb.lines[0].get_xdata()) == [total_bytes("fedsb", 16)]
     assert list(fedsb.lines[0].get_ydata()) == pytest.approx([mean])  # at 0.01 (validation), not 0.03
     ((low, high),) = [(seg[0][1], seg[1][1]) for col in fedsb.lines[2] for seg in col.get_segments()]
-    assert (mean - low, high - mean) == pytest.approx((std, std))  # error bars: ± one std over seeds
+    half = 4.303 * std / 3 ** 0.5  # error bars: the 95% CI over 3 seeds (t quantile from a printed table)
+    assert (mean - low, high - mean) == pytest.approx((half, half), rel=1e-4)
 
     (reference,) = [line for line in ax.lines if line.get_gid() == "reference"]
     assert "centralised (not federated)" in reference.get_label()
     assert reference.get_ydata()[0] == pytest.approx(statistics.mean(centralised_tests))
-    (band,) = [patch for patch in ax.patches if patch.get_gid() == "spread"]  # ± one std
-    assert (band.get_bbox().y0, band.get_bbox().y1) == pytest.approx((0.90, 0.94))
+    (band,) = [patch for patch in ax.patches if patch.get_gid() == "spread"]  # the 95% CI
+    band_half = 4.303 * 0.02 / 3 ** 0.5
+    assert (band.get_bbox().y0, band.get_bbox().y1) == pytest.approx((0.92 - band_half, 0.92 + band_half),
+                                                                     rel=1e-4)
     # The frontier is over the federated groups only: ffa (cheapest), then fedit (more accurate).
     (frontier,) = [line for line in ax.lines if line.get_gid() == "frontier"]
     assert list(frontier.get_xdata()) == [total_bytes("ffa", 16), total_bytes("fedit", 16)]

@@ -46,10 +46,10 @@ FIGURE_CAPTIONS = {
 TUNED_CAPTIONS = {
     "comm_vs_accuracy": "One marker per setting at its value chosen on validation: mean total payload bytes "
                         "(upload + download, all clients, one-time init included; log scale) against mean "
-                        "test accuracy; error bars: ± one sample standard deviation over seeds. The dashed "
-                        "step line is the Pareto frontier over the federated settings. Dotted horizontal "
-                        "lines: centralised runs (all data in one client; band ± std), a reference, not "
-                        "federated.",
+                        "test accuracy; error bars: the 95% confidence interval over seeds (Student's "
+                        "t). The dashed step line is the Pareto frontier over the federated settings. "
+                        "Dotted horizontal lines: centralised runs (all data in one client; band: 95% "
+                        "CI), a reference, not federated.",
 }
 
 
