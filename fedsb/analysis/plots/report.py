@@ -107,7 +107,8 @@ def sweep_report(data: SweepData, figures: Mapping[str, Figure], metric: str = "
     pin = data.pin
     completed = len(data.rows) - len(data.failed)
     out = [f"# Sweep report: {data.path.name}", "", *tuned_section(data.tuned),
-           f"Sweep directory `{data.path}`" + (f"; base config `{pin['base']}`" if "base" in pin else "")
+           f"Sweep directory `{data.path.name}`"
+           + (f"; base config `{pin['base']}` (from the sweep directory)" if "base" in pin else "")
            + (f"; shared overrides `{json.dumps(pin['set'])}`" if pin.get("set") else "") + ".",
            f"Grid keys: {', '.join(f'`{c}`' for c in data.columns) or 'none'}. "
            f"{len(data.rows)} cells in sweep.csv: {completed} completed, {len(data.failed)} failed.", "",

@@ -228,7 +228,8 @@ def pace(done: int, todo: int, elapsed_s: float) -> str:
 
 def keep_results_only(run_dir: Path) -> None:
     """A study's cell keeps its small outputs (RESULT_FILES) and nothing else: no weights, no
-    prepared tokens, no checkpoints (`keep: results` in the sweep file)."""
+    prepared tokens, no checkpoints (`keep: results` in the sweep file). The paths they name are
+    made relative to the run directory, so that the files hold no path of one machine."""
     if not run_dir.is_dir():
         return
     for path in sorted(run_dir.rglob("*"), key=lambda p: len(p.parts), reverse=True):
@@ -237,6 +238,41 @@ def keep_results_only(run_dir: Path) -> None:
                 path.rmdir()
         elif path.relative_to(run_dir).as_posix() not in RESULT_FILES:
             path.unlink()
+    _relative_paths(run_dir)
+
+
+# The config keys and summary fields that hold a local path (a file source, the output directory).
+CONFIG_PATHS = (("data", "source"), ("data", "test_file"), ("data", "val_file"), ("output_dir",))
+SUMMARY_PATHS = ("data", "run_dir")
+
+
+def _relative_paths(run_dir: Path) -> None:
+    import json
+    import os
+
+    import yaml
+
+    def relative(value: Any) -> Any:
+        if isinstance(value, str) and os.path.isabs(value):
+            return os.path.relpath(value, run_dir)
+        return value
+
+    config_path, summary_path = run_dir / "config.yaml", run_dir / "summary.json"
+    if config_path.is_file():
+        config = yaml.safe_load(config_path.read_text())
+        for *section, name in CONFIG_PATHS:
+            node = config
+            for part in section:
+                node = node.get(part) if isinstance(node, dict) else None
+            if isinstance(node, dict) and name in node:
+                node[name] = relative(node[name])
+        config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    if summary_path.is_file():
+        summary = json.loads(summary_path.read_text())
+        for name in SUMMARY_PATHS:
+            if name in summary:
+                summary[name] = relative(summary[name])
+        summary_path.write_text(json.dumps(summary, indent=2) + "\n")
 
 
 def _finish(row: dict[str, Any]) -> dict[str, Any]:

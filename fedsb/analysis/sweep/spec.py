@@ -38,6 +38,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import os
 import types
 import typing
 from collections.abc import Iterable, Mapping, Sequence
@@ -354,7 +355,9 @@ def record_pin(spec: SweepSpec) -> None:
                                  f"(see {pin_path}); choose another output_dir or remove that directory")
     spec.output_dir.mkdir(parents=True, exist_ok=True)
     # Not pinned (a record for `fedsb plot`): the grid may grow, and tuning only reads the results.
-    record = {**pin, "sweep_file": str(spec.path.resolve()),
+    # Paths relative to the sweep directory: a sweep directory kept in a repository names no machine's.
+    record = {**pin, "base": os.path.relpath(spec.base, spec.output_dir),
+              "sweep_file": os.path.relpath(spec.path.resolve(), spec.output_dir),
               "grid": {axis.name: list(axis.values) for axis in spec.axes}, "tune": spec.tune,
               "tune_seeds": list(spec.tune_seeds) if spec.tune_seeds else None}
     pin_path.write_text(json.dumps(record, indent=2, default=str) + "\n")
