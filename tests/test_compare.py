@@ -4,6 +4,7 @@ small outputs (`keep: results`) and the sweep's pace line: fast, with the fake r
 from __future__ import annotations
 
 import csv
+import json
 import math
 import statistics
 from pathlib import Path
@@ -133,8 +134,17 @@ def test_keep_results_leaves_only_the_small_outputs(tmp_path):
                  "checkpoint/state.pt", "partition.png"):
         (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
         (run_dir / name).write_text("x")
+    outside = tmp_path.parent / "data" / "train.tsv"  # a path of this machine, made relative
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({"data": {"source": str(outside), "test_file": None},
+                                                          "output_dir": str(tmp_path), "seed": 3}))
+    summary = {"data": str(outside), "run_dir": str(run_dir), "seed": 3}
+    (run_dir / "summary.json").write_text(json.dumps(summary))
     keep_results_only(run_dir)
     assert sorted(p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*")) == sorted(RESULT_FILES)
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    relative = "../../data/train.tsv"
+    assert config == {"data": {"source": relative, "test_file": None}, "output_dir": "..", "seed": 3}
+    assert json.loads((run_dir / "summary.json").read_text()) == {"data": relative, "run_dir": ".", "seed": 3}
 
 
 def test_a_study_with_keep_results_prunes_each_completed_cell(tmp_path):
@@ -186,3 +196,52 @@ def test_paired_csv_is_written_even_without_compare(tmp_path):
     with open(result.spec.output_dir / "paired.csv", newline="") as f:
         kinds = {r["kind"] for r in csv.DictReader(f)}
     assert kinds == {"reference"}
+
+
+def test_two_keys_are_tuned_together(tmp_path):
+    class Joint(FakeRunner):
+        def accuracies(self, overrides):
+            test = 0.7 + (0.05 if overrides["train.lr"] == 0.01 else 0.0) \
+                + (0.03 if overrides.get("privacy.max_grad_norm") == 0.1 else 0.0)
+            return test + 0.01, test, test
+
+    grid = {"setting": [{"method.name": "fedsb", "train.lr": [0.001, 0.01],
+                         "privacy.max_grad_norm": [0.1, 1.0]}], "seed": [0, 1]}
+    path = write_sweep(tmp_path / "joint.yaml", grid, tune={"key": ["train.lr", "privacy.max_grad_norm"],
+                                                            "seeds": [0, 1]})
+    result = run_sweep(path, runner=Joint(), echo=lambda line: None)
+    (group,) = result.tuned
+    assert group.tune_key == "train.lr+privacy.max_grad_norm"
+    assert group.chosen.value == "0.01+0.1" and group.seeds == 2
+    assert [c.value for c in group.candidates] == ["0.001+0.1", "0.001+1.0", "0.01+0.1", "0.01+1.0"]
+    assert group.test_interval.mean == pytest.approx(0.78)
+
+
+@pytest.mark.parametrize(("cheap", "other", "expected"), [
+    ((1000.0, 10.0), (0.0, 20.0), 101),  # 1000 + 101 * 10 = 2010 < 2020; at 100 rounds both 2000
+    ((999.0, 10.0), (0.0, 20.0), 100),
+    ((0.0, 10.0), (50.0, 20.0), 1),
+    ((0.0, 20.0), (0.0, 20.0), None),  # never cheaper: the same every round
+    ((10.0, 30.0), (0.0, 20.0), None),
+])
+def test_crossover_round(cheap, other, expected):
+    from fedsb.analysis.plots.report import crossover_round
+
+    assert crossover_round(cheap, other) == expected
+    if expected is not None:  # the first round where the total is lower, and not the one before
+        total = lambda c, r: c[0] + r * c[1]  # noqa: E731
+        assert total(cheap, expected) < total(other, expected)
+        assert expected == 1 or total(cheap, expected - 1) >= total(other, expected - 1)
+
+
+def test_report_md_has_the_intervals_and_the_paired_verdicts(tmp_path):
+    from fedsb.analysis.plots.cli import plot_dir
+
+    result = run_sweep(study(tmp_path), runner=SeededRunner(), echo=lambda line: None)
+    report = plot_dir(result.spec.output_dir).report.read_text()
+    assert "## Paired differences over seeds" in report
+    assert "test accuracy (mean [95% CI])" in report
+    start = "| partition.scheme=iid | fedsb r=4 partition.scheme=iid | fedit r=4"
+    line = next(row for row in report.splitlines() if row.startswith(start))
+    assert "| 5 | +0.02" in line and f"| {HOLDS} | {HOLDS} |" in line
+    assert str(tmp_path) not in report  # names no path of this machine

@@ -400,10 +400,11 @@ def test_a_tuned_sweep_is_reported_per_group_at_the_value_chosen_on_validation(t
     report = output.report.read_text()
     assert report.startswith("# Sweep report: tuned\n\n## Tuned: `train.lr` chosen per setting on validation")
     assert report.index("## Tuned") < report.index("## Results")
-    row = (f"| fedsb r=16 | 0.01 | 3 | 0.800 | {mean:.3f} ± {std:.3f} | "
-           f"{mean - 0.05:.3f} ± {std:.3f} | ")
+    # mean [95% CI] over the 3 seeds: t = 4.303 (a printed table's 0.975 quantile at 2 degrees of freedom)
+    row = (f"| fedsb r=16 | 0.01 | 3 | 0.800 | {mean:.3f} [{mean - half:.3f}, {mean + half:.3f}] | "
+           f"{mean - 0.05:.3f} [{mean - 0.05 - half:.3f}, {mean - 0.05 + half:.3f}] | ")
     assert row in report
-    assert "| LoRA r=16, centralised (not federated) | 0.03 | 3 | 0.900 | 0.920 ± 0.020 |" in report
+    assert "| LoRA r=16, centralised (not federated) | 0.03 | 3 | 0.900 | 0.920 [0.870, 0.970] |" in report
     assert "- fedsb r=16: **0.01 → 0.800 (3)**, 0.03 → 0.700 (3)" in report
     frontier_text = report.split("## Pareto frontier")[1].split("##")[0]
     assert [line.split(":")[0] for line in frontier_text.splitlines() if line[:1].isdigit()] == [

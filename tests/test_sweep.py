@@ -203,7 +203,9 @@ def test_a_list_in_a_linked_value_expands_into_one_value_per_element(tmp_path):
 @pytest.mark.parametrize("tune, message", [
     ("train.lr", "tune: train.lr is not set by any grid axis (grid keys: method.name, seed)"),
     ("seed", "tune: seed is the repetition the tuning averages over"),
-    (["train.lr"], "tune: expected a config key"),
+    (["train.lr"], "tune: train.lr is not set by any grid axis"),  # keys tuned together: each one checked
+    ([], "tune.key: expected a config key or a non-empty list"),
+    (3, "tune: expected a config key"),
 ])
 def test_tune_names_a_key_of_the_grid(tmp_path, tune, message):
     path = write_sweep(tmp_path / "s.yaml", {"method.name": ["fedsb", "ffa"], "seed": [0, 1]}, tune=tune)
@@ -364,10 +366,11 @@ def test_tuning_chooses_on_validation_and_reports_the_test_mean_and_std_there(tm
 
     # The printed table, and sweep.json's record of `tune` for `fedsb plot`.
     table = lines[lines.index(next(line for line in lines if "chosen per group on validation" in line)) + 1:]
-    assert table[0].split() == ["group", "train.lr", "seeds", "val", "acc", "test", "acc", "final-round",
-                                "test", "acc", "bytes", "total"]
+    assert table[0].split() == ["group", "train.lr", "seeds", "val", "acc", "test", "acc", "[95%", "CI]",
+                                "final-round", "test", "acc", "[95%", "CI]", "bytes", "total"]
     assert table[1].split()[:4] == ["fedsb", "r=4", "0.01", "3"]
-    assert "0.850 ± 0.010" in table[1] and "0.743 ± 0.025  0.727 ± 0.025" in table[1]
+    # means and 95% CIs over the 3 seeds (t = 4.303): [0.74, 0.77, 0.72] and [0.73, 0.75, 0.70]
+    assert "0.850 ± 0.010" in table[1] and "0.743 [0.681, 0.806]  0.727 [0.664, 0.789]" in table[1]
     pin = json.loads((tmp_path / "out" / "sweep.json").read_text())
     assert pin["tune"] == "train.lr"
 

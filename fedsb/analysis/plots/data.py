@@ -16,9 +16,17 @@ from pathlib import Path
 from typing import Any
 
 from fedsb.analysis.plots.style import method_style
+from fedsb.analysis.sweep.compare import PairedDifference, paired_differences
 from fedsb.analysis.sweep.spec import format_value, grid_labels, parse_value, read_pin
 from fedsb.analysis.sweep.table import COMPLETED, COMPONENTS, SWEEP_CSV, grid_columns, latest_rows, read_rows
-from fedsb.analysis.sweep.tuning import LABELLED_KEYS, TunedGroup, in_grid_order, setting_label, tune_results
+from fedsb.analysis.sweep.tuning import (
+    LABELLED_KEYS,
+    TunedGroup,
+    in_grid_order,
+    setting_label,
+    tune_keys,
+    tune_results,
+)
 from fedsb.experiment.summary import METRICS_FILE, SUMMARY_FILE, MetricsRow, RunSummary, read_metrics
 
 COMM_CSV = "comm.csv"  # fedsb.experiment.meter: one row per message part (round, direction, component)
@@ -93,6 +101,7 @@ class SweepData:
     tune: str | None = None  # the sweep file's `tune` (from sweep.json)
     tuned: list[TunedGroup] = field(default_factory=list)  # with `tune`: each group at its chosen value
     pin: dict[str, Any] = field(default_factory=dict)  # sweep.json (fedsb.analysis.sweep.spec.record_pin)
+    pairs: list[PairedDifference] = field(default_factory=list)  # with `tune`: paired.csv's comparisons
 
     def chosen_settings(self) -> list[Setting]:
         """With `tune`, the settings at each group's chosen value; otherwise all of them."""
@@ -133,13 +142,15 @@ def load_sweep_dir(sweep_dir: str | Path, *, with_runs: bool = True) -> SweepDat
         for s in settings:
             s.runs = [load_run(_resolve(sweep_dir, r["run_dir"])) for r in s.rows]
     pin = read_pin(sweep_dir)
-    tune = pin.get("tune") if pin.get("tune") in columns else None
+    tune = pin.get("tune")
+    tune = tune if isinstance(tune, str) and all(k in columns for k in tune_keys(tune)) else None
     tuned: list[TunedGroup] = []
     if tune:  # in grid order (a tie goes to the first value), as `fedsb sweep` wrote tuned.csv
         grid = pin.get("grid")
         tuned = tune_results(in_grid_order(raw, grid_labels(grid)) if isinstance(grid, dict) else raw,
                              columns, tune, pin.get("tune_seeds"))
-    return SweepData(sweep_dir, columns, rows, settings, tune, tuned, pin)
+    pairs = paired_differences(tuned, pin.get("compare")) if tuned else []
+    return SweepData(sweep_dir, columns, rows, settings, tune, tuned, pin, pairs)
 
 
 def _resolve(sweep_dir: Path, run_dir: str) -> Path:

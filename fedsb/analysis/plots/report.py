@@ -13,7 +13,9 @@ from matplotlib.figure import Figure
 from fedsb.analysis.plots.comm import group_stat, nan_if_none, pareto_frontier, short_key
 from fedsb.analysis.plots.data import RunData, SweepData, run_setting
 from fedsb.analysis.plots.style import FIGURE_TITLES, METRICS, spread_note
+from fedsb.analysis.sweep.compare import MARGIN, PairedDifference, context_of, matches
 from fedsb.analysis.sweep.report import human_bytes, mean_std_text
+from fedsb.analysis.sweep.stats import interval_text
 from fedsb.analysis.sweep.tuning import TunedGroup
 
 
@@ -73,14 +75,14 @@ def tuned_section(groups: Sequence[TunedGroup]) -> list[str]:
     for g in groups:
         failed = g.chosen.failed if g.chosen else 0
         rows.append([g.label, g.chosen.value if g.chosen else "–", f"{g.seeds}" + (f" ({failed} failed)"
-                     if failed else ""), _fmt(g.val_accuracy.mean), mean_std_text(g.test_accuracy),
+                     if failed else ""), _fmt(g.val_accuracy.mean), interval_text(g.test_interval),
                      *(mean_std_text(g.test_accuracy_at_rank[r]) if r in g.test_accuracy_at_rank else "–"
                        for r in ranks),
-                     mean_std_text(g.final_test_accuracy), human_bytes(g.bytes_up.mean),
+                     interval_text(g.final_test_interval), human_bytes(g.bytes_up.mean),
                      human_bytes(g.bytes_down.mean), human_bytes(g.bytes_total.mean)])
-    header = ["setting", f"chosen {tune}", "seeds", "val accuracy (mean)", "test accuracy (mean ± std)",
+    header = ["setting", f"chosen {tune}", "seeds", "val accuracy (mean)", "test accuracy (mean [95% CI])",
               *(f"truncated to rank {r}" for r in ranks),
-              "final-round test accuracy (mean ± std)", "bytes up", "bytes down", "bytes total"]
+              "final-round test accuracy (mean [95% CI])", "bytes up", "bytes down", "bytes total"]
     seeds = groups[0].select_seeds
     over = (f"on seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))} (every value ran there; "
             "the chosen one on every seed)") if seeds else "over its completed seeds"
@@ -88,9 +90,9 @@ def tuned_section(groups: Sequence[TunedGroup]) -> list[str]:
            f"Per setting (the grid less `{tune}` and the seed), the value of `{tune}` with the highest "
            f"mean best validation accuracy {over} (ties: the first in grid order); the "
            "test split never takes part in the choice. Test accuracy: the test split at each run's best "
-           "validation round (the result); final-round: after the last round. Mean ± sample standard "
-           "deviation over the completed seeds. Centralised settings pool every client's data in one "
-           "client: a reference, not a federated result.", "", _table(header, rows), "",
+           "validation round (the result); final-round: after the last round. Mean and 95% confidence "
+           "interval (Student's t) over the completed seeds. Centralised settings pool every client's "
+           "data in one client: a reference, not a federated result.", "", _table(header, rows), "",
            f"Every value tried (`{tune}` → the validation accuracy that chose, completed seeds; chosen in "
            "bold):", ""]
     for g in groups:
@@ -101,12 +103,84 @@ def tuned_section(groups: Sequence[TunedGroup]) -> list[str]:
     return [*out, ""]
 
 
+def paired_section(pairs: Sequence[PairedDifference]) -> list[str]:
+    """The paired differences over seeds and what each decides (fedsb.analysis.sweep.compare)."""
+    if not pairs:
+        return []
+    rows = [[p.context or "–", p.a.label, p.b.label, len(p.seeds), interval_text(p.interval, signed=True),
+             p.more_accurate, p.reaches, "–" if p.bytes_ratio is None else f"{p.bytes_ratio:.3f}"]
+            for p in pairs]
+    header = ["context", "a", "b", "paired seeds", "a − b (mean [95% CI])", "a more accurate than b",
+              f"a reaches b (within {MARGIN})", "bytes total a / b"]
+    return ["## Paired differences over seeds", "",
+            "Each setting at its chosen value; a − b is the mean over the seeds both completed of the "
+            "difference in test accuracy on the same seed (the same data subsample, partition, cohorts and "
+            "init), with its 95% confidence interval. *a more accurate than b*: **holds** when the interval "
+            "is above 0, **does not hold** when it is below 0, **undecided** when it contains 0. *a reaches "
+            f"b*: the same against −{MARGIN} (a is not worse than b by more than {MARGIN}).", "",
+            _table(header, rows), ""]
+
+
+def communication_section(data: SweepData) -> list[str]:
+    """Per tuned setting: the one-time bytes, the bytes of every later round and the run's total, from
+    its first chosen run's metrics; and, against the compared setting of its context, the round from
+    which the compared setting is cheaper in total (its one-time tensors paid off)."""
+    costs = [(g, cost) for g in data.tuned if not g.centralised and (cost := _round_cost(data, g))]
+    if not costs:
+        return []
+    compare = data.pin.get("compare") or {}
+    focus = {context_of(g, list(compare)): (g, c) for g, c in costs if compare and matches(g, compare)}
+    rows = []
+    for g, (one_time, per_round, rounds) in costs:
+        ref = focus.get(context_of(g, list(compare)))
+        cross = "–" if ref is None or ref[0] is g else \
+            f"{ref[0].label}: {crossover_text(ref[1][:2], (one_time, per_round))}"
+        rows.append([g.label, human_bytes(per_round), human_bytes(one_time),
+                     human_bytes(one_time + rounds * per_round), rounds, cross])
+    return ["## Communication: per round, one-time, and when a total falls below another's", "",
+            "Payload bytes, upload + download, all clients (from each setting's first chosen run). *Per "
+            "round*: a round after every client has its one-time tensors; *one-time*: what the first "
+            "round adds (e.g. Fed-SB's frozen B and A, FFA-LoRA's frozen A); total = one-time + rounds x "
+            "per round. The last column: from which round on the compared setting's total is below this "
+            "setting's.", "",
+            _table(["setting", "per round", "one-time", "total", "rounds",
+                    "compared setting cheaper in total"], rows), ""]
+
+
+def _round_cost(data: SweepData, group: TunedGroup) -> tuple[float, float, int] | None:
+    """(one-time bytes, bytes per later round, rounds) of the group's first chosen run (at least 2 rounds)."""
+    cells = set(group.cells)
+    for setting in data.settings:
+        for row, run in zip(setting.rows, setting.runs, strict=False):
+            trained = [r.bytes_up + r.bytes_down for r in run.metrics if r.round > 0]
+            if row["cell"] in cells and len(trained) > 1:
+                per_round = float(trained[-1])
+                return sum(trained) - len(trained) * per_round, per_round, len(trained)
+    return None
+
+
+def crossover_text(cheap: tuple[float, float], other: tuple[float, float]) -> str:
+    """From which round `cheap` (one-time, per round) totals less than `other`: 'from round 3', or
+    'never' (it costs as much or more every round)."""
+    rounds = crossover_round(cheap, other)
+    return "never" if rounds is None else f"from round {rounds}"
+
+
+def crossover_round(cheap: tuple[float, float], other: tuple[float, float]) -> int | None:
+    """The smallest R >= 1 with one_a + R per_a < one_b + R per_b; None if there is none."""
+    (one_a, per_a), (one_b, per_b) = cheap, other
+    if per_a >= per_b:
+        return 1 if one_a + per_a < one_b + per_b else None
+    return max(1, math.floor((one_a - one_b) / (per_b - per_a)) + 1)
+
+
 def sweep_report(data: SweepData, figures: Mapping[str, Figure], metric: str = "test_accuracy") -> str:
     """report.md of a sweep: (tuned: the tuned table first) a table per setting, the Pareto frontier,
     failed cells, the figures."""
     pin = data.pin
     completed = len(data.rows) - len(data.failed)
-    out = [f"# Sweep report: {data.path.name}", "", *tuned_section(data.tuned),
+    out = [f"# Sweep report: {data.path.name}", "", *tuned_section(data.tuned), *paired_section(data.pairs),
+           *communication_section(data),
            f"Sweep directory `{data.path.name}`"
            + (f"; base config `{pin['base']}` (from the sweep directory)" if "base" in pin else "")
            + (f"; shared overrides `{json.dumps(pin['set'])}`" if pin.get("set") else "") + ".",

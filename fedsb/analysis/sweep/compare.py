@@ -67,7 +67,7 @@ def context_of(group: TunedGroup, compare_keys: Sequence[str] = ()) -> str:
     return " ".join(f"{k}={v}" for k, v in group.grid.items() if k not in own)
 
 
-def _matches(group: TunedGroup, compare: Mapping[str, object]) -> bool:
+def matches(group: TunedGroup, compare: Mapping[str, object]) -> bool:
     from fedsb.analysis.sweep.spec import format_value
 
     return not group.centralised and all(
@@ -93,7 +93,7 @@ def paired_differences(groups: Sequence[TunedGroup],
     for context, members in contexts.items():
         federated = [g for g in members if not g.centralised]
         if compare:
-            for focus in (g for g in federated if _matches(g, compare)):
+            for focus in (g for g in federated if matches(g, compare)):
                 out += [paired(focus, other, context, "focus") for other in federated if other is not focus]
         for reference in (g for g in members if g.centralised):
             out += [paired(g, reference, context, "reference") for g in federated]

@@ -290,9 +290,10 @@ def load_sweep(path: str | Path) -> SweepSpec:
         if unknown:
             raise SweepError(f"tune.{sorted(unknown)[0]}: unknown key; accepted keys: key, seeds")
         seeds = tune.get("seeds")
-        if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
+        if "seeds" in tune and (not isinstance(seeds, list) or not seeds
+                                or not all(isinstance(s, int) for s in seeds)):
             raise SweepError(f"tune.seeds: expected a non-empty list of seeds, got {seeds!r}")
-        tune, tune_seeds = tune.get("key"), tuple(seeds)
+        tune, tune_seeds = tune.get("key"), tuple(seeds) if seeds else None
     engine = data.get("engine")
     if engine is not None and engine not in ENGINE_NAMES:
         raise SweepError(f"engine: got {engine!r}; accepted: {' or '.join(ENGINE_NAMES)}")
@@ -315,6 +316,12 @@ def load_sweep(path: str | Path) -> SweepSpec:
 def _check_tune(tune: Any, grid_keys: Sequence[str]) -> str | None:
     if tune is None:
         return None
+    if isinstance(tune, list):  # several keys tuned together: one joint key (fedsb.analysis.sweep.tuning)
+        if not tune:
+            raise SweepError("tune.key: expected a config key or a non-empty list of them")
+        for k in tune:
+            _check_tune(k, grid_keys)
+        return "+".join(tune)
     if not isinstance(tune, str) or not tune:
         raise SweepError(f"tune: expected a config key to choose on validation, e.g. train.lr, got {tune!r}")
     if tune == "seed":
@@ -359,5 +366,5 @@ def record_pin(spec: SweepSpec) -> None:
     record = {**pin, "base": os.path.relpath(spec.base, spec.output_dir),
               "sweep_file": os.path.relpath(spec.path.resolve(), spec.output_dir),
               "grid": {axis.name: list(axis.values) for axis in spec.axes}, "tune": spec.tune,
-              "tune_seeds": list(spec.tune_seeds) if spec.tune_seeds else None}
+              "tune_seeds": list(spec.tune_seeds) if spec.tune_seeds else None, "compare": spec.compare}
     pin_path.write_text(json.dumps(record, indent=2, default=str) + "\n")

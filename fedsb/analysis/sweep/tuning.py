@@ -6,6 +6,9 @@ the tuned key with the highest mean `best_val_accuracy` over its completed seeds
 the first in grid order). Selection reads the validation split only; the test accuracy at the
 chosen value (mean and sample std over seeds) is what is reported.
 
+Several keys are tuned together with `tune: {key: [train.lr, privacy.max_grad_norm]}`: each
+combination of their values is a candidate, written 'train.lr+privacy.max_grad_norm' = '0.001+0.1'.
+
 Successive halving over seeds: `tune: {key: train.lr, seeds: [0]}` chooses on those seeds'
 validation only, so every value runs on seed 0 and only the chosen one on the other seeds.
 
@@ -41,6 +44,14 @@ TUNED_FIELDS = (
     "test_accuracy_at_rank_mean",  # clients of different ranks: {"4": mean over seeds, ...} (JSON)
     "candidates",
 )
+
+
+TUNE_JOIN = "+"  # several keys tuned together: 'train.lr+privacy.max_grad_norm', values '0.001+0.1'
+
+
+def tune_keys(tune_key: str) -> list[str]:
+    """The config keys a (possibly joint) tune key names."""
+    return tune_key.split(TUNE_JOIN)
 
 
 def setting_label(method: str, rank: Any, centralised: bool = False, extras: Sequence[str] = (),
@@ -148,7 +159,7 @@ def tune_results(rows: Iterable[Mapping[str, Any]], columns: Sequence[str],
 
     `rows` are sweep.csv rows (the latest row of a cell counts), in grid order (see in_grid_order).
     """
-    group_columns = [c for c in columns if c not in (tune_key, "seed")]
+    group_columns = [c for c in columns if c not in (*tune_keys(tune_key), "seed")]
     groups: dict[tuple[str, ...], list[Mapping[str, Any]]] = {}
     for row in latest_rows(rows).values():
         groups.setdefault(tuple(_text(row.get(c)) for c in group_columns), []).append(row)
@@ -163,7 +174,7 @@ def _tune_group(grid: dict[str, str], rows: list[Mapping[str, Any]], varied: Seq
     selecting = {str(s) for s in select_seeds} if select_seeds else None
     by_value: dict[str, list[Mapping[str, Any]]] = {}
     for row in rows:
-        by_value.setdefault(_text(row.get(tune_key)), []).append(row)
+        by_value.setdefault(TUNE_JOIN.join(_text(row.get(k)) for k in tune_keys(tune_key)), []).append(row)
     candidates, done_at = [], {}
     for value, members in by_value.items():
         done = [r for r in members if r.get("status") == COMPLETED]
