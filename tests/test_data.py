@@ -23,7 +23,7 @@ from fedsb.data.sources import (
 from fedsb.data.synthetic import synthetic_dataset
 from fedsb.data.tokens import clear_token_cache, tokenize
 
-SST2 = Path("/work/shared/data/sst2")
+SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"  # beside the project, never in it
 
 
 @pytest.fixture(autouse=True)

@@ -565,22 +565,31 @@ def test_every_shipped_sweep_starts_with_its_command_and_every_cell_validates():
             try:
                 load_config(spec.base, {**spec.fixed, **cell.overrides})
             except ConfigError as err:  # local data that is not on this machine (e.g. SST-2)
-                on_sst2 = path.stem in ("sst2", "inits", "hetero_ranks")
+                on_sst2 = path.stem in ("sst2", "sst2_pilot", "sst2_private", "inits", "hetero_ranks")
                 assert str(err).startswith("data.source: got") and on_sst2, (path, err)
         sizes[path.stem] = spec.cells()
     assert {name: len(cells) for name, cells in sizes.items()} == {
-        "comm": 12, "hetero_ranks": 34, "inits": 25, "paper_private": 10, "privacy": 16, "sst2": 19}
-    # SST-2 (successive halving): every lr of every method on seed 0, one lr per setting on seeds 1, 2.
-    sst2 = sizes["sst2"]
-    setting = lambda c: (c.overrides["method.name"], c.overrides.get("federation.centralised", False))  # noqa: E731
-    lrs: dict = {}
-    for c in sst2:
-        lrs.setdefault((setting(c), c.overrides["seed"]), set()).add(c.overrides["train.lr"])
-    assert lrs[(("fedsb", False), 0)] == {0.01, 0.03} and lrs[(("fedit", True), 0)] == {0.003}
-    assert all(len(v) == 2 for (s, seed), v in lrs.items() if seed == 0 and not s[1])
-    assert all(len(v) == 1 for (s, seed), v in lrs.items() if seed > 0)
-    assert {s for (s, seed) in lrs if seed == 2} == {s for (s, seed) in lrs if seed == 0}  # 3 seeds each
-    assert load_sweep(root / "configs/sweeps/sst2.yaml").tune_seeds == (0,)
+        "comm": 12, "hetero_ranks": 34, "inits": 25, "paper_private": 10, "privacy": 16, "sst2": 90,
+        "sst2_pilot": 3, "sst2_private": 252}
+    # The SST-2 study: every setting (4 methods and the centralised reference, on each partition) runs
+    # its three lrs on seeds 0, 1 and 2, and the lr is chosen on the mean over every completed seed.
+    def grid_of(cells, *keys):
+        out: dict = {}
+        for c in cells:
+            setting = tuple(c.overrides.get(k, False) for k in keys)
+            out.setdefault(setting, set()).add((c.overrides["seed"], c.overrides["train.lr"]))
+        return out
+
+    sst2 = grid_of(sizes["sst2"], "partition.scheme", "method.name", "federation.centralised")
+    assert len(sst2) == 10 and all(len(v) == 9 and {s for s, _ in v} == {0, 1, 2} for v in sst2.values())
+    spec = load_sweep(root / "configs/sweeps/sst2.yaml")
+    assert spec.tune == "train.lr" and spec.tune_seeds is None and spec.compare == {"method.name": "fedsb"}
+    assert (spec.engine, spec.keep, spec.output_dir.name) == ("inprocess", "results", "sst2")
+    # The private study: lr and clipping norm tuned together at each epsilon (3 x 2 on seeds 0-2), the lr
+    # alone without DP.
+    private = grid_of(sizes["sst2_private"], "privacy.epsilon", "method.name", "privacy.max_grad_norm")
+    assert len(private) == 4 * (1 + 3 * 2) and all(len(v) == 9 for v in private.values())
+    assert load_sweep(root / "configs/sweeps/sst2_private.yaml").tune == "train.lr+privacy.max_grad_norm"
     # Inits: two lrs for each new init on seed 0 and the chosen one on seed 1 (stage 2); the references
     # at one lr on seeds 0 and 1.
     inits: dict = {}
