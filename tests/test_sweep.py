@@ -570,7 +570,7 @@ def test_every_shipped_sweep_starts_with_its_command_and_every_cell_validates():
         sizes[path.stem] = spec.cells()
     assert {name: len(cells) for name, cells in sizes.items()} == {
         "comm": 12, "hetero_ranks": 34, "inits": 25, "paper_private": 10, "privacy": 16, "sst2": 90,
-        "sst2_pilot": 3, "sst2_private": 252}
+        "sst2_pilot": 3, "sst2_private": 108}
     # The SST-2 study: every setting (4 methods and the centralised reference, on each partition) runs
     # its three lrs on seeds 0, 1 and 2, and the lr is chosen on the mean over every completed seed.
     def grid_of(cells, *keys):
@@ -585,10 +585,10 @@ def test_every_shipped_sweep_starts_with_its_command_and_every_cell_validates():
     spec = load_sweep(root / "configs/sweeps/sst2.yaml")
     assert spec.tune == "train.lr" and spec.tune_seeds is None and spec.compare == {"method.name": "fedsb"}
     assert (spec.engine, spec.keep, spec.output_dir.name) == ("inprocess", "results", "sst2")
-    # The private study: lr and clipping norm tuned together at each epsilon (3 x 2 on seeds 0-2), the lr
-    # alone without DP.
+    # The private study's first stage: lr and clipping norm tuned together at epsilon 3 (3 x 2 on seeds
+    # 0-2), the lr alone without DP.
     private = grid_of(sizes["sst2_private"], "privacy.epsilon", "method.name", "privacy.max_grad_norm")
-    assert len(private) == 4 * (1 + 3 * 2) and all(len(v) == 9 for v in private.values())
+    assert len(private) == 4 * (1 + 2) and all(len(v) == 9 for v in private.values())
     assert load_sweep(root / "configs/sweeps/sst2_private.yaml").tune == "train.lr+privacy.max_grad_norm"
     # Inits: two lrs for each new init on seed 0 and the chosen one on seed 1 (stage 2); the references
     # at one lr on seeds 0 and 1.

@@ -64,7 +64,10 @@ class InProcessGrid:
     def close(self) -> None:
         """Stop the worker processes (a grid without a pool has none)."""
         if self._pool is not None:
-            self._pool.terminate()
+            if self._running:  # work left (an interrupted run): stop it
+                self._pool.terminate()
+            else:  # let the workers exit on their own, which releases the pool's semaphores
+                self._pool.close()
             self._pool.join()
             self._pool = None
 
