@@ -59,11 +59,14 @@ def files(tmp_path: Path) -> dict[str, Path]:
     readonly.chmod(stat.S_IRUSR | stat.S_IXUSR)
     plain = tmp_path / "plain-file"
     plain.write_text("not a directory\n")
+    foreign = tmp_path / "foreign.csv"  # a test file with a topic the training file does not have
+    foreign.write_text("text,label\nrain all week,Weather\nmarkets up,Business\n")
     no_weights = tmp_path / "no-weights"
     no_weights.mkdir()
     (no_weights / "config.json").write_text('{"model_type": "bert", "hidden_size": 32}')
     yield dict(news=news, good=good, small=small, unlabelled=unlabelled, garbled=garbled, notes=notes,
-               records=records, readonly=readonly, plain=plain, no_weights=no_weights, tmp=tmp_path)
+               records=records, readonly=readonly, plain=plain, no_weights=no_weights, foreign=foreign,
+               tmp=tmp_path)
     readonly.chmod(stat.S_IRWXU)
 
 
@@ -128,6 +131,13 @@ CASES = [
     ("output dir under a file", ["output_dir={plain}/runs"], [],
      r"output_dir: got '.*/plain-file/runs'; accepted: a directory that can be created and written "
      r"\(.*/plain-file is a file, not a directory\)"),
+    ("test labels the training data lacks", ["data.source={good}", "data.test_file={foreign}"], [],
+     r"data\.test_file: .*/foreign\.csv has labels \['Weather'\] that the training data does not have "
+     r"\(its labels: \['Business', 'Sci/Tech', 'Sports'\]\)"),
+    # A directory nobody can create, root included (the read-only case below is skipped as root).
+    ("output dir that cannot be created", ["output_dir=/proc/fedsb-no-such-dir/runs"], [],
+     r"output_dir: got '/proc/fedsb-no-such-dir/runs'; accepted: a directory that can be created and "
+     r"written \(cannot create /proc/fedsb-no-such-dir: No such file or directory\)"),
     ("delta at or above 1/n", ["privacy.enabled=true", "privacy.delta=0.05"], [],
      r"privacy\.delta: got 0\.05; accepted: a number in \(0, 1/n\) = \(0, 0\.0435\) for the smallest client "
      r"\(client 3, n=23 examples\), or null"),
@@ -195,7 +205,8 @@ def test_a_bad_input_stops_check_with_one_line(name, overrides, extra, expected,
 
 @pytest.mark.parametrize("name", ["headerless file, text column", "rank above a module's dimension",
                                   "too few examples per client", "unknown model name",
-                                  "delta at or above 1/n"])
+                                  "delta at or above 1/n", "test labels the training data lacks",
+                                  "output dir that cannot be created"])
 def test_fedsb_run_stops_before_any_flower_process(name, files, no_flower, capsys):
     """Without --check, the same checks run before the SuperLink would start."""
     _, overrides, extra, expected = next(c for c in CASES if _ids(c) == name)

@@ -213,13 +213,15 @@ def test_int_labels_with_given_names_are_indices(tmp_path):
     assert encode_labels([3, 10], ["3", "10"], "x") == [0, 1]  # names match before indices
 
 
-def test_load_task_label_names_span_train_and_test(tmp_path):
+def test_load_task_label_names_come_from_the_training_file(tmp_path):
+    """The model's classes are the training labels: a test file's labels map onto them (an unknown
+    one is an error, test_bad_values_errors), whatever their order or subset."""
     train = write(({"text": ["a", "b", "c"], "label": ["dog", "cat", "dog"]}),
                   tmp_path / "tr.csv")
-    test = write(({"text": ["d", "e"], "label": ["emu", "cat"]}), tmp_path / "te.jsonl")
+    test = write(({"text": ["d", "e"], "label": ["cat", "cat"]}), tmp_path / "te.jsonl")
     tr, te, names = load_task(str(train), test_file=test)
-    assert names == ["cat", "dog", "emu"]
-    assert tr["label"] == [1, 0, 1] and te["label"] == [2, 0]
+    assert names == ["cat", "dog"]
+    assert tr["label"] == [1, 0, 1] and te["label"] == [0, 0]
     assert tr.features["label"].names == te.features["label"].names == names
 
 
@@ -295,8 +297,18 @@ def test_bad_values_errors(tmp_path):
                                         r"value\(s\), first at row 1"):
         load_file(path)
     ok = write(({"text": ["a", "b"], "label": ["x", "zz"]}), tmp_path / "ok.csv")
-    with pytest.raises(DataError, match=r"labels \['zz'\] not among the label names \['x', 'y'\]"):
+    with pytest.raises(DataError, match=r"labels \['zz'\] that the training data does not have \(its labels: "
+                                        r"\['x', 'y'\]\)"):
         load_file(ok, label_names=["x", "y"])
+    # Integer names: a label that is not a name is unknown, never taken as an index (0 is not '1').
+    numbered = write(({"text": ["a", "b"], "label": [0, 1]}), tmp_path / "numbered.csv")
+    with pytest.raises(DataError, match=r"labels \['0'\] that the training data does not have"):
+        load_file(numbered, label_names=["1", "2"])
+    # A test file's labels are not added to the training labels (the run would score 0 on them).
+    train = write(({"text": ["a", "b", "c", "d"], "label": ["x", "y", "x", "y"]}), tmp_path / "train.csv")
+    test = write(({"text": ["e", "f"], "label": ["x", "w"]}), tmp_path / "test.csv")
+    with pytest.raises(DataError, match=r"test\.csv has labels \['w'\] that the training data does not have"):
+        load_task(str(train), test_file=test)
     bad_json = tmp_path / "bad.jsonl"
     bad_json.write_text('{"text": "a", "label": 1}\n{oops\n')
     with pytest.raises(DataError, match="line 2: invalid JSON"):

@@ -45,6 +45,14 @@ def column(ds: Dataset, name: str) -> list:
     return values if isinstance(values, list) else list(values)
 
 
+class UnknownLabelsError(DataError):
+    """Labels of a test or validation file that the training data does not have; `where` names the file."""
+
+    def __init__(self, message: str, where: str):
+        super().__init__(message)
+        self.where = where
+
+
 class MissingColumnError(DataError):
     """A named column that the source does not have; `column` is the name that was asked for."""
 

@@ -44,7 +44,7 @@ from datasets.utils.logging import disable_progress_bar, enable_progress_bar, is
 from datasets.utils.stratify import stratified_shuffle_split_generate_indices
 
 from fedsb.data.arithmetic import ARITHMETIC, arithmetic_dataset, arithmetic_label_names
-from fedsb.data.schema import LABEL, TEXT, DataError, check_columns, column, make_dataset
+from fedsb.data.schema import LABEL, TEXT, DataError, UnknownLabelsError, check_columns, column, make_dataset
 from fedsb.data.synthetic import synthetic_dataset, synthetic_label_names
 
 __all__ = ["ARITHMETIC", "DataError", "EXTENSIONS", "HF_PREFIX", "SYNTHETIC", "derive_label_names",
@@ -264,15 +264,20 @@ def encode_labels(labels: Sequence[int | str], label_names: Sequence[str], where
     index = {name: i for i, name in enumerate(label_names)}
     if all(str(v) in index for v in labels):
         return [index[str(v)] for v in labels]
-    if all(isinstance(v, int) for v in labels):
+    # Integers as indices only where the names are not integers themselves: with names '1', '2', a
+    # label 0 is an unknown label, not the first class.
+    numbered = all(name.lstrip("-").isdigit() for name in label_names)
+    if all(isinstance(v, int) for v in labels) and not numbered:
         bad = sorted({v for v in labels if not 0 <= v < len(label_names)})
         if not bad:
             return [int(v) for v in labels]
         if any(v < 0 for v in bad):
             raise DataError(_unlabelled(where, bad))
+    if any(isinstance(v, int) and v < 0 for v in labels):
+        raise DataError(_unlabelled(where, sorted({v for v in labels if isinstance(v, int) and v < 0})))
     unknown = sorted({str(v) for v in labels if str(v) not in index})
-    raise DataError(f"{where} has labels {unknown[:10]} not among the label names "
-                    f"{list(label_names)}")
+    raise UnknownLabelsError(f"{where} has labels {unknown[:10]} that the training data does not have "
+                             f"(its labels: {list(label_names)})", where)
 
 
 def _unlabelled(where: str, negative: Sequence[int]) -> str:
@@ -483,7 +488,7 @@ def load_task(
     elif hub_names is not None:
         names = hub_names
     else:
-        names = derive_label_names(rows.labels + (test_rows.labels if test_rows else []))
+        names = derive_label_names(rows.labels)  # a test label the training data lacks is an error
     train = _dataset(rows, names, train_where)
     if test_rows is None:
         train, test = split_train_test(train, test_fraction, seed)

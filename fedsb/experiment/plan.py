@@ -11,7 +11,7 @@ the config key and what is accepted. The config itself is validated earlier, by 
 
 from __future__ import annotations
 
-import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +35,7 @@ from fedsb.core.models import (
     weight_shape,
 )
 from fedsb.data.partition import partition_dataset
-from fedsb.data.schema import DataError, MissingColumnError, short
+from fedsb.data.schema import DataError, MissingColumnError, UnknownLabelsError, short
 from fedsb.experiment.config import ExperimentConfig
 from fedsb.experiment.task import load_splits
 from fedsb.experiment.validation import ConfigError
@@ -84,17 +84,35 @@ class Plan:
 
 
 def check_output_dir(output_dir: str | Path) -> None:
-    """The run directory can be created under `output_dir` (checked without creating anything)."""
+    """The run directory can be created under `output_dir`: checked by creating the missing directories
+    and a file in them, as the run will (permission bits do not tell: root ignores them, and a
+    read-only or virtual file system refuses whatever they say), then removing what it made."""
     path = Path(output_dir).expanduser().absolute()
-    existing = path
+    accepted = f"output_dir: got {str(output_dir)!r}; accepted: a directory that can be created and written"
+    existing, missing = path, []
     while not existing.exists():
+        missing.append(existing)
         existing = existing.parent
     if not existing.is_dir():
-        raise CheckError(f"output_dir: got {str(output_dir)!r}; accepted: a directory that can be created "
-                         f"and written ({existing} is a file, not a directory)")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise CheckError(f"output_dir: got {str(output_dir)!r}; accepted: a directory that can be created "
-                         f"and written ({existing} is not writable)")
+        raise CheckError(f"{accepted} ({existing} is a file, not a directory)")
+    created: list[Path] = []
+    try:
+        for directory in reversed(missing):
+            try:
+                directory.mkdir()
+            except OSError as err:
+                reason = f"{existing} is not writable" if isinstance(err, PermissionError) else \
+                    f"cannot create {directory}: {err.strerror}"
+                raise CheckError(f"{accepted} ({reason})") from err
+            created.append(directory)
+        try:
+            with tempfile.NamedTemporaryFile(dir=path, prefix=".fedsb-check-"):
+                pass
+        except OSError as err:
+            raise CheckError(f"{accepted} ({path} is not writable: {err.strerror})") from err
+    finally:
+        for directory in reversed(created):
+            directory.rmdir()
 
 
 def _data_error(config: ExperimentConfig, err: DataError) -> CheckError:
@@ -110,6 +128,10 @@ def _data_error(config: ExperimentConfig, err: DataError) -> CheckError:
             if d.input_column:
                 columns[d.input_column] = "data.input_column"
         key = columns.get(err.column, key)
+    if isinstance(err, UnknownLabelsError):
+        files = {str(Path(f).expanduser()): k for k, f in (("data.test_file", d.test_file),
+                                                           ("data.val_file", d.val_file)) if f}
+        key = files.get(str(Path(err.where).expanduser()), key)
     return CheckError(f"{key}: {' '.join(str(err).split())}")
 
 
