@@ -40,6 +40,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import skip_or_fail
 
 from fedsb.ops.flwr_cli import COMPLETED, FLOWER_ENV, run_flwr, write_connection, write_run_config
 from fedsb.ops.processes import free_ports
@@ -291,15 +292,15 @@ def _own_for_app(certs: Path) -> None:
 @pytest.fixture(scope="module")
 def compose_run(request: pytest.FixtureRequest) -> Iterator[ComposeOutcome]:
     if shutil.which("docker") is None:
-        pytest.skip("docker is not installed: the compose deployment was not run")
+        skip_or_fail("docker is not installed: the compose deployment was not run")
     search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/bin", "/usr/local/bin"])
     if not (shutil.which("dockerd", path=search) or os.environ.get("DOCKER_HOST")
             or Path("/var/run/docker.sock").exists()):
-        pytest.skip("only the docker client is installed (no dockerd, no DOCKER_HOST): "
-                    "the compose deployment was not run")
+        skip_or_fail("only the docker client is installed (no dockerd, no DOCKER_HOST): "
+                     "the compose deployment was not run")
     base = _compose_command()
     if base is None:
-        pytest.skip("no Compose implementation (docker-compose or `docker compose`) is installed")
+        skip_or_fail("no Compose implementation (docker-compose or `docker compose`) is installed")
     info = subprocess.run(["docker", "info", "--format", "{{.ServerVersion}}"], capture_output=True,
                           text=True, timeout=60)
     if info.returncode != 0:

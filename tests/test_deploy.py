@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import skip_or_fail
 
 import fedsb.ops.deploy.cli as deploy_cli
 from fedsb.ops.deploy.credentials import Credentials, generate_credentials
@@ -135,8 +136,8 @@ def _documented_flags(help_text: str) -> dict[str, str]:
 def test_compose_file_is_valid_for_docker_compose(tmp_path):
     binary = shutil.which("docker-compose")
     if binary is None:
-        pytest.skip("docker-compose is not installed (CI installs it: apt-get install docker-compose); "
-                    "the file was not validated by a Compose implementation")
+        skip_or_fail("docker-compose is not installed (CI installs it: apt-get install docker-compose); "
+                     "the file was not validated by a Compose implementation")
     cp = subprocess.run([binary, "-f", str(COMPOSE), "config", "-q"], capture_output=True, text=True,
                         cwd=ROOT, timeout=120)
     assert cp.returncode == 0, cp.stdout + cp.stderr

