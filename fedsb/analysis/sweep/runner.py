@@ -144,6 +144,7 @@ def _run_cells(spec: SweepSpec, path: str | Path, runner: Runner, *, stream: boo
             ran.append(row)
             if spec.keep == "results" and row["status"] == COMPLETED:
                 keep_results_only(spec.output_dir / row["run_dir"])
+            write_tuning(spec, cells)  # kept current: a study stopped at any cell has its tables
             echo(f"[{cell.index}/{len(cells)}] {cell_outcome(row)}")
             echo(pace(len(ran), len(todo), time.monotonic() - started))
             if row.get("privacy_requested") == "true" and row.get("private") == "false":
@@ -155,26 +156,36 @@ def _run_cells(spec: SweepSpec, path: str | Path, runner: Runner, *, stream: boo
     done = len(skipped) + len(ran) - len(result.failed)
     echo(f"fedsb sweep: {done}/{len(cells)} cells completed, {len(result.failed)} failed; "
          f"results in {csv_path}; figures: fedsb plot {spec.output_dir}")
-    tuned_path = spec.output_dir / TUNED_CSV
+    result.tuned = write_tuning(spec, cells)
     if spec.tune is None:
-        tuned_path.unlink(missing_ok=True)  # from an earlier `tune`: it would no longer match the sweep
         return result
-    result.tuned = tune_results(in_grid_order(read_rows(csv_path)[1], [c.label for c in cells]),
-                                spec.columns, spec.tune, spec.tune_seeds)
-    write_tuned(tuned_path, result.tuned)
     over = f"seeds {', '.join(map(str, spec.tune_seeds))}" if spec.tune_seeds else "the completed seeds"
     echo(f"fedsb sweep: {spec.tune} chosen per group on validation accuracy (mean over {over}); "
-         f"test accuracies are means [95% CI] over seeds; written to {tuned_path}")
+         f"test accuracies are means [95% CI] over seeds; written to {spec.output_dir / TUNED_CSV}")
     for line in tuned_table(result.tuned):
         echo(f"    {line}")
     pairs = paired_differences(result.tuned, spec.compare)
-    write_paired(spec.output_dir / PAIRED_CSV, pairs)
     if pairs:
         echo(f"fedsb sweep: paired differences over seeds (a - b, mean [95% CI]); written to "
              f"{spec.output_dir / PAIRED_CSV}")
         for line in paired_table(pairs):
             echo(f"    {line}")
     return result
+
+
+def write_tuning(spec: SweepSpec, cells: list[Cell]) -> list[TunedGroup]:
+    """With `tune`: tuned.csv and paired.csv from sweep.csv as it stands (and the groups); without,
+    remove any left by an earlier `tune` (they would no longer match the sweep)."""
+    tuned_path, paired_path = spec.output_dir / TUNED_CSV, spec.output_dir / PAIRED_CSV
+    if spec.tune is None:
+        tuned_path.unlink(missing_ok=True)
+        paired_path.unlink(missing_ok=True)
+        return []
+    rows = in_grid_order(read_rows(spec.output_dir / SWEEP_CSV)[1], [c.label for c in cells])
+    groups = tune_results(rows, spec.columns, spec.tune, spec.tune_seeds)
+    write_tuned(tuned_path, groups)
+    write_paired(paired_path, paired_differences(groups, spec.compare))
+    return groups
 
 
 def run_cell(spec: SweepSpec, cell: Cell, runner: Runner, *, stream: bool = False, cpus_per_client: int = 1,
