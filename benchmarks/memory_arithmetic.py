@@ -5,8 +5,8 @@
 For each shipped architecture config (built on PyTorch's meta device: no weights, no download) it
 prints the base weights in bfloat16, the parameters LoRA trains at `--lora-rank` on the default
 targets (q,k,v,o,gate,up,down) with their float32 weight, gradient and AdamW state (16 bytes each),
-and Fed-SB's frozen float32 B and A at `--fedsb-rank` with its trained R's state. The README's
-memory table ("Device, precision and N clients on one GPU") comes from this script.
+and Fed-SB's frozen float32 B and A at `--fedsb-rank` with its trained R's state. The memory
+table of docs/gpus.md ("N clients on one GPU") comes from this script.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ client, as `fedsb run` gives each virtual client; `fedsb.federation.inprocess`, 
 run as `flwr run` to the bit) and compares each round of metrics.jsonl with the recorded one:
 validation accuracy and loss, bytes up and down. Prints the rounds side by side and exits 0 when
 all are equal (loss to 1e-6), 1 otherwise. For checking that a change left the figures of
-README.md and docs/results.md true without rerunning a whole sweep.
+the docs (docs/*.md, benchmarks/README.md) true without rerunning a whole sweep.
 """
 
 from __future__ import annotations

@@ -53,9 +53,10 @@ def load_yaml(text: str) -> Any:
 @dataclass
 class ModelConfig:
     name: str = "default"  # 'default' (packaged MiniLM), tiny-bert|tiny-llama|tiny-gpt2, a dir, a hub id
-    task: Literal["classification", "causal_lm"] = "classification"
-    max_length: int = 48
-    target_modules: list[str] | None = None  # None: the architecture's defaults
+    task: Literal["classification", "causal_lm"] = "classification"  # a classifier head, or causal-LM tuning
+    max_length: int = 48  # tokens per example
+    # Module name patterns to adapt; None: the architecture's defaults.
+    target_modules: list[str] | None = None
     # Where the base model, adapters and batches live: auto (CUDA when available), cpu, cuda, cuda:N.
     device: str = "auto"
     # The frozen base weights' precision (auto: bfloat16 on a GPU that supports it, else float32).
@@ -78,11 +79,11 @@ class DataConfig:
     # (csv/tsv/json/jsonl/parquet), or 'hf:<name>[:<config>]'
     source: str = "synthetic"
     test_file: str | None = None  # a local test file; else test_fraction of the source is held out
-    test_fraction: float = 0.2
+    test_fraction: float = 0.2  # the fraction of the source held out as the test set (no test_file)
     # Column names; with header=false, positions (0, 1 or "0", "1"): integers are kept as their strings.
     text_column: str | int = "text"
     text_pair_column: str | int | None = None  # a second text column: sentence-pair tasks (SNLI's hypothesis)
-    label_column: str | int = "label"
+    label_column: str | int = "label"  # labels: strings or integers
     header: bool = True  # csv/tsv files have a header row; false: columns are named by position "0", "1"...
     drop_unlabelled: bool = False  # drop rows without a label (SNLI's -1 or '-') instead of refusing them
     num_examples: int = 4000  # synthetic: examples generated; files: at most this many (0: all)
@@ -91,18 +92,20 @@ class DataConfig:
     # The server's validation split, which every choice looks at (the best round, a tuned lr): a
     # local file, else this fraction of the training pool held out (clients never see it).
     val_file: str | None = None
-    val_fraction: float = 0.1
+    val_fraction: float = 0.1  # held out of the training pool when val_file is null
     max_val_examples: int = 500  # validation set size (0: all)
     # Causal-LM instruction data (model.task=causal_lm): the prompt and response columns, an optional
     # input column (Alpaca's), the prompt template, and label_column as an optional category for
     # label-skewed partitions (null: one category, use partition.scheme=iid).
     prompt_column: str = "prompt"
-    response_column: str = "response"
-    input_column: str | None = None
+    response_column: str = "response"  # the response (the only tokens the loss counts)
+    input_column: str | None = None  # an optional input column (Alpaca's input)
+    # plain: the prompt then "Answer: "; alpaca: Stanford Alpaca's text; chat: the tokenizer's chat template
     template: Literal["plain", "alpaca", "chat"] = "plain"
-    # A test set with other column names (MetaMathQA trains, GSM8K's question/answer tests); null: the same
+    # A test set with other column names (MetaMathQA trains, GSM8K's question/answer tests); null: the same.
+    # test_file may then be 'hf:<name>[:<config>]' (its test split).
     test_prompt_column: str | None = None
-    test_response_column: str | None = None
+    test_response_column: str | None = None  # the test set's response column; null: response_column
 
     def __post_init__(self) -> None:
         # A column given by position (data.header=false) as an integer is named by its string.
@@ -114,7 +117,7 @@ class DataConfig:
 
 @dataclass
 class PartitionConfig:
-    scheme: Literal["iid", "dirichlet", "classes"] = "dirichlet"
+    scheme: Literal["iid", "dirichlet", "classes"] = "dirichlet"  # by flwr-datasets' partitioners
     alpha: float = 0.5  # dirichlet concentration: smaller is more label-skewed
     classes_per_client: int = 2  # 'classes' scheme
 
@@ -134,17 +137,17 @@ class InitConfig:
 @dataclass
 class MethodConfig:
     name: str = "fedsb"  # a registered method (fedsb.methods.method_names())
-    rank: int = 8
-    alpha: float | None = None  # LoRA alpha; None: alpha = rank (scale 1)
+    rank: int = 8  # LoRA rank (Bone: the block size; MoRA: the LoRA rank its square matrix matches)
+    alpha: float | None = None  # LoRA alpha; None: alpha = rank (scale 1); not used by Bone and MoRA
     init: InitConfig = field(default_factory=InitConfig)
 
 
 @dataclass
 class FederationConfig:
     # A count, or 'auto': as many clients as the federation has SuperNodes (a plain `flwr run .` has
-    # Flower's default of 2; `fedsb run` starts AUTO_CLIENTS).
+    # Flower's default of 2; `fedsb run` and `fedsb demo` start AUTO_CLIENTS, 8).
     num_clients: int | Literal["auto"] = 8
-    rounds: int = 5
+    rounds: int = 5  # federated rounds
     clients_per_round: float = 1.0  # a fraction in (0, 1] of num_clients, or an integer count > 1
     # Aggregation weights: each client's number of training examples (FedAvg), or a plain mean
     # (the Fed-SB authors'; under DP it also keeps a client's dataset size unreleased).
@@ -157,8 +160,8 @@ class FederationConfig:
     # fraction of the cohort) the round is skipped, the global state unchanged; after
     # max_failed_rounds skipped rounds in a row the run stops (resumable from its checkpoint).
     round_timeout_s: float = 3600.0
-    min_clients: float = 1
-    max_failed_rounds: int = 3
+    min_clients: float = 1  # fewer valid updates in a round skip it (a count, or a fraction of the cohort)
+    max_failed_rounds: int = 3  # this many skipped rounds in a row stop the run (resumable)
     # An optional bound on the L2 norm of a client's update (its upload minus the global tensors):
     # a larger one is rejected with its reason. null: no bound.
     max_update_norm: float | None = None
@@ -168,16 +171,16 @@ class FederationConfig:
     # (the clients with more data get the larger ranks). rank_aggregation: how the server combines
     # them: pad (HetLoRA), rank_aware (each slice over its holders) or svd (FlexLoRA).
     client_ranks: list[int] | None = None
-    rank_assignment: Literal["random", "per_client", "by_size"] = "random"
-    rank_aggregation: Literal["pad", "rank_aware", "svd"] = "pad"
+    rank_assignment: Literal["random", "per_client", "by_size"] = "random"  # which client gets which rank
+    rank_aggregation: Literal["pad", "rank_aware", "svd"] = "pad"  # how the server combines mixed ranks
 
 
 @dataclass
 class TrainConfig:
-    local_steps: int = 10
-    batch_size: int = 16
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    lr: float = 5e-3
+    local_steps: int = 10  # optimiser steps per client per round
+    batch_size: int = 16  # examples per local step
+    optimizer: Literal["adamw", "sgd"] = "adamw"  # the local optimiser
+    lr: float = 5e-3  # the local learning rate
     # Recompute activations in the backward pass instead of keeping them: less GPU memory for long
     # sequences, about a third more compute per step.
     gradient_checkpointing: bool = False
@@ -188,7 +191,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    batch_size: int = 64
+    batch_size: int = 64  # the server's centralised evaluation, every round
     client_eval: bool = False  # also evaluate the global adapter on each client's own data
     # Causal LMs: exact match of greedily generated answers (every round on validation, and on test).
     max_new_tokens: int = 32
@@ -210,11 +213,11 @@ class PrivacyConfig:
     the privatised Fed-SB init gradient (method.init.source = clients), charged to each client's ledger.
     """
 
-    enabled: bool = False
+    enabled: bool = False  # DP-SGD (Opacus) on every client's training
     epsilon: float = 3.0  # target epsilon per client, composed over every round
     delta: float | None = None  # None: min(1e-5, 1/(10 n_i)) for a client with n_i examples
     max_grad_norm: float = 1.0  # per-sample clipping norm (training and the private init)
-    accountant: Literal["rdp", "prv"] = "rdp"
+    accountant: Literal["rdp", "prv"] = "rdp"  # Opacus's accountant that composes each client's steps
     init_noise_multiplier: float = 5.0  # init.source=clients: noise std / clipping norm
     allow_pooled_init: bool = False  # init.source=pooled with DP: allowed only if set (not private)
     # Rounds of local steps the noise is calibrated for; None: federation.rounds (no client ever
@@ -232,7 +235,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
-    seed: int = 0
+    seed: int = 0  # everything random derives from the seed
     output_dir: str = "runs"  # a run directory is created inside it
 
     # -- derived values ------------------------------------------------------------------
