@@ -39,13 +39,15 @@ from fedsb.experiment.comm import closed_form, count, head_shapes
 from fedsb.experiment.config import ConfigError, load_config
 from fedsb.experiment.summary import read_metrics
 from fedsb.federation.inprocess import run_in_process
-from fedsb.methods import build_method, get_method
+from fedsb.methods import build_method, get_method, method_names
 from fedsb.training.local import train_local
 
 RANK, ALPHA = 8, 16.0  # r = 8: PEFT's LoRA-GA sketch, q = min(4r, min(m, n)), spans every tiny module
 OFFSET_INITS = ("olora", "pissa", "lora_ga")  # the inits that take their product out of the frozen weight
 LORA_INITS = ("kaiming", *OFFSET_INITS)
-LORA_METHODS = ("fedit", "ffa", "fedex")
+# The methods that accept the offset inits (each declares its inits): the LoRA-based ones.
+LORA_METHODS = tuple(name for name in method_names()
+                     if set(OFFSET_INITS) <= set(get_method(name).accepted_inits()))
 GRADIENT_EXAMPLES = 32  # enough for every tiny module's gradient to have rank >= 2r
 TINY = "tests/configs/tiny.yaml"
 CLIENT_WEIGHTS = (10.0, 30.0, 60.0)

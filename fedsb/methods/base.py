@@ -70,6 +70,9 @@ class FederatedMethod:
     # The init when method.init.name is not given; the method accepts every init of its adapter kind.
     default_init: ClassVar[str] = "kaiming"
     residual: ClassVar[bool] = False
+    # Exact aggregation: the aggregate's effective update equals the weighted mean of the clients'
+    # effective updates (tests/test_methods.py holds every method that declares it to it).
+    exact: ClassVar[bool] = True
     trainable: ClassVar[tuple[str, ...]]  # adapter components a client trains
     # Components a client downloads once only (frozen after the init, e.g. FFA-LoRA's A).
     one_time: ClassVar[tuple[str, ...]] = ()

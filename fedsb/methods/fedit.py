@@ -10,6 +10,7 @@ from fedsb.methods.ranks import RANK_AGGREGATIONS
 
 class FedIT(FederatedMethod):
     name = "fedit"
+    exact = False  # mean(B_i) mean(A_i) is not mean(B_i A_i)
     label = "FedIT"
     centralised_label = "LoRA"
     trainable = ("lora_A", "lora_B")
