@@ -275,8 +275,10 @@ def test_run_directory_holds_every_output(runs):
     best = max(rows[1:], key=lambda r: r["val_accuracy"])
     assert (summary["best_round"], summary["best_val_accuracy"]) == (best["round"], best["val_accuracy"])
     assert summary["selection"] == "validation" and 0 <= summary["test_accuracy"] <= 1
-    if summary["best_round"] == rows[-1]["round"]:
-        assert summary["test_accuracy"] == summary["final_test_accuracy"]
+    # Pinned by the seed: validation peaks at round 1 of 2, so the test split is scored twice, at the chosen
+    # round and after the last (an earlier version asserted their equality only if the two coincided).
+    assert summary["best_round"] == 1 < rows[-1]["round"]
+    assert summary["final_test_accuracy"] is not None and 0 <= summary["final_test_accuracy"] <= 1
     assert summary["communication"]["up"]["bytes"] == rows[-1]["cum_bytes_up"] == strategy.meter.total(
         direction="up")
     assert summary["communication"]["down"]["bytes_by_component"]["init"] > 0
