@@ -6,6 +6,7 @@ adapter, to the bit. Both go through `fedsb sweep`, one sweep per engine (slow: 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -66,3 +67,24 @@ def test_the_in_process_engine_runs_the_flower_run_to_the_bit(engines, method):
     for k, value in adapters[1].items():
         assert torch.equal(adapters[0][k], value), k
     assert (local / "run.log").is_file() and "round 2" in (local / "run.log").read_text()
+
+
+def test_the_in_process_engine_checks_writes_and_refuses_to_rerun_a_finished_run(tmp_path):
+    """`fedsb run --engine inprocess`: a bad config stops before anything starts; a good one writes its
+    run directory and log; resuming a finished run does nothing (a stopped one is resumed from its
+    checkpoint by the same server code as under Flower: tests/test_resume.py)."""
+    from fedsb.ops.launch import run_in_process_engine
+
+    with pytest.raises(ValueError, match=r"method\.rank: got 0"):
+        run_in_process_engine(TINY, {"output_dir": str(tmp_path), "method.rank": 0})
+    assert not any(tmp_path.iterdir())
+    lines: list[str] = []
+    outcome = run_in_process_engine(TINY, {"output_dir": str(tmp_path), "method.name": "ffa"},
+                                    stream=False, echo=lines.append)
+    assert outcome.ok, (outcome, lines[-5:])
+    processes = min(os.cpu_count() or 1, 4)  # one per core, at most one per client (tiny.yaml has 4)
+    assert f"in-process engine ({processes} client process(es))" in lines[0]
+    assert len(metric_rows(outcome.run_dir)) == 3
+    assert "round 2: val accuracy" in (outcome.run_dir / "run.log").read_text()
+    again = run_in_process_engine(None, resume=outcome.run_dir, echo=lines.append)
+    assert again.ok and again.details == "already finished"

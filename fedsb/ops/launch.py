@@ -310,6 +310,16 @@ def _resume(run_dir: Path, config_path: str | Path | None, overrides: Mapping[st
             simulation: LocalSimulation, echo: Callable[[str], None], **launch: Any) -> RunOutcome:
     """`fedsb run --resume RUN_DIR`: the run's own config, checked against any given, from its checkpoint."""
     run_dir = run_dir.expanduser().resolve()
+    config, finished = resume_target(run_dir, config_path, overrides, echo)
+    if finished is not None:
+        return finished
+    return simulation.run(config, run_dir, resume=True, echo=echo, **launch)
+
+
+def resume_target(run_dir: Path, config_path: str | Path | None, overrides: Mapping[str, Any] | None,
+                  echo: Callable[[str], None]) -> tuple[ExperimentConfig, RunOutcome | None]:
+    """A stopped run's own config, checked against any config and overrides given beside it (the first
+    key that differs is refused), and, when the run has finished already, its outcome (nothing to do)."""
     if not (run_dir / "config.yaml").is_file():
         raise ValueError(f"--resume {run_dir}: not a run directory (no config.yaml)")
     config = load_config(run_dir / "config.yaml")
@@ -322,13 +332,13 @@ def _resume(run_dir: Path, config_path: str | Path | None, overrides: Mapping[st
                                  f"{value!r} in the run; resume with the run's own config")
     if (run_dir / "summary.json").is_file():
         echo(f"fedsb run: {run_dir} has finished (summary.json); nothing to resume")
-        return RunOutcome(None, COMPLETED, "already finished", run_dir, 0.0)
+        return config, RunOutcome(None, COMPLETED, "already finished", run_dir, 0.0)
     if not has_checkpoint(run_dir):
         raise ValueError(f"--resume {run_dir}: no checkpoint (the run stopped before its first round ended); "
                          "start it again")
     echo(f"fedsb run: resuming {run_dir} after round {read_checkpoint(run_dir).round} "
          f"of {config.federation.rounds}")
-    return simulation.run(config, run_dir, resume=True, echo=echo, **launch)
+    return config, None
 
 
 def prepare_run(config_path: str | Path | None, overrides: Mapping[str, Any] | None = None,
@@ -423,15 +433,9 @@ def run_in_process_engine(config_path: str | Path | None, overrides: Mapping[str
     start = time.monotonic()
     if resume is not None:
         run_dir = Path(resume).expanduser().resolve()
-        config = load_config(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else None
-        if config is None:
-            raise ValueError(f"--resume {run_dir}: not a run directory (no config.yaml)")
-        if (run_dir / "summary.json").is_file():
-            echo(f"fedsb run: {run_dir} has finished (summary.json); nothing to resume")
-            return RunOutcome(None, COMPLETED, "already finished", run_dir, 0.0)
-        if not has_checkpoint(run_dir):
-            raise ValueError(f"--resume {run_dir}: no checkpoint (the run stopped before its first round "
-                             "ended); start it again")
+        config, finished = resume_target(run_dir, config_path, overrides, echo)
+        if finished is not None:
+            return finished
     else:
         config = prepare_run_isolated(config_path, overrides, cpus_per_client, gpus_per_client)
         run_dir = run_dir_for(config)
