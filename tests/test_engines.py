@@ -1,7 +1,8 @@
 """The two engines run the same run: a Flower simulation (`engine: flower`, through a private SuperLink
 and Ray) and the in-process grid with its clients in worker processes (`engine: inprocess`) give every
-registered method the same metrics every round, the same comm.csv, the same summary and the same final
-adapter, to the bit. Both go through `fedsb sweep`, one sweep per engine (slow: real Flower runs)."""
+registered method the same metrics every round, the same comm.csv, the same summary and the same
+exported weights (the PEFT adapter, or the merged model), to the bit. Both go through `fedsb sweep`, one
+sweep per engine (slow: real Flower runs)."""
 
 from __future__ import annotations
 
@@ -62,10 +63,16 @@ def test_the_in_process_engine_runs_the_flower_run_to_the_bit(engines, method):
             summary.pop(name, None)
     assert summaries[0] == summaries[1]
     assert summaries[1]["method"] == method and summaries[1]["rounds_completed"] == 2
-    adapters = [load_file(d / "adapter" / "adapter_model.safetensors") for d in (local, flower)]
-    assert adapters[0].keys() == adapters[1].keys() and len(adapters[1]) > 0
-    for k, value in adapters[1].items():
-        assert torch.equal(adapters[0][k], value), k
+    # The exported weights: a PEFT adapter (adapter/), or the merged model where PEFT has none (merged/).
+    exported = sorted(p.relative_to(flower) for folder in ("adapter", "merged")
+                      for p in (flower / folder).glob("*.safetensors"))
+    assert exported and exported == sorted(p.relative_to(local) for folder in ("adapter", "merged")
+                                           for p in (local / folder).glob("*.safetensors"))
+    for name in exported:
+        tensors = [load_file(d / name) for d in (local, flower)]
+        assert tensors[0].keys() == tensors[1].keys() and len(tensors[1]) > 0
+        for k, value in tensors[1].items():
+            assert torch.equal(tensors[0][k], value), (name, k)
     assert (local / "run.log").is_file() and "round 2" in (local / "run.log").read_text()
 
 
