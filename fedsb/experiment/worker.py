@@ -334,6 +334,7 @@ def quiet_libraries() -> None:
 
         disable_progress_bar()
     transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()  # transformers 5's "Loading weights" bar, once per model
 
 
 _WORKERS: dict[str, Worker] = {}
