@@ -309,3 +309,11 @@ def target_specs(model: nn.Module, targets: list[str] | None = None) -> dict[str
         base = module.base if isinstance(module, AdapterLayer) else module
         specs[name] = ModuleSpec(name, *weight_shape(base), isinstance(base, Conv1D))
     return specs
+
+
+def copy_head(peft_params: dict, state: State) -> None:
+    """The state's task-head tensors into a PEFT model's `modules_to_save` copies (every PEFT export)."""
+    for k, value in state.items():
+        if component_of(k) == HEAD:
+            head, _, pname = k.rpartition(".")
+            peft_params[f"base_model.model.{head}.modules_to_save.default.{pname}"].copy_(value)

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fedsb.core.adapters import HEAD, State, component_of, key
+from fedsb.core.adapters import State, copy_head, key
 from fedsb.core.models import find_head_modules
 from fedsb.methods.base import FederatedMethod
 
@@ -70,11 +70,3 @@ def _export_note(method: FederatedMethod, loads_as_peft: bool = True) -> str:
             f"alpha {method.alpha}\n\n"
             + ("Load with `PeftModel.from_pretrained(base_model, this_dir)`.\n" if loads_as_peft else "")
             + method.export_note())
-
-
-def copy_head(peft_params: dict, state: State) -> None:
-    """The state's task-head tensors into a PEFT model's `modules_to_save` copies (every PEFT export)."""
-    for k, value in state.items():
-        if component_of(k) == HEAD:
-            head, _, pname = k.rpartition(".")
-            peft_params[f"base_model.model.{head}.modules_to_save.default.{pname}"].copy_(value)

@@ -48,7 +48,7 @@ class Bone(FederatedMethod):
                                      run_dir / "merged")
         from peft import MissConfig, TaskType, get_peft_model
 
-        from fedsb.experiment.export import copy_head
+        from fedsb.core.adapters import copy_head
 
         heads = find_head_modules(base_model)
         config = MissConfig(r=self.rank, init_weights="bat", target_modules=list(self.specs),
