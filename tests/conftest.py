@@ -16,7 +16,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # Nor Flower's telemetry (flwr-datasets' plots report an event, as `flwr` itself does).
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
-# Under CI (CI=true, as .ci/run sets it) a missing tool, package or data file is a failure: CI installs
+# Under CI (CI=true, as .ci/run sets it) a missing tool or package is a failure: CI installs
 # them, so a skip there would hide a test that did not run. Elsewhere it is a skip with the reason.
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
