@@ -18,8 +18,8 @@ for each method:
 and prints, per method: ms per step and tokens/s of both loops and their ratio, the peak GPU
 memory of the federated loop, and how many such processes (Flower's virtual-client actors, each
 holding one base model) would fit on this GPU at that peak. The check runs the clients in one
-process: the lent GPU machines have no network and Flower's Ray does not fit in what can be
-carried there, so `--gpus-per-client` itself is not exercised here.
+process (a GPU machine without network access may lack Flower's Ray), so `--gpus-per-client`
+itself is not exercised here.
 """
 
 from __future__ import annotations
