@@ -16,8 +16,8 @@ It prints, per method: seconds per round (training and evaluation together), the
 the round (the clients' training and the server's evaluation, from each round's `gpu_peak_bytes`),
 bytes up and down per round, and the exact match (near 0: random weights; the point is that it runs).
 On a GPU machine without network access Flower's Ray may not be installable, so the clients run in
-one process, as `fedsb demo` runs them; the round loop is the one `flwr run` runs (tests/test_flower_app.py checks that
-both give the same run, to the bit).
+one process, as `fedsb demo` runs them; the round loop is the one `flwr run` runs
+(tests/test_flower_app.py checks that both give the same run, to the bit).
 """
 
 from __future__ import annotations
