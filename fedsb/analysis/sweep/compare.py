@@ -25,6 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedsb.analysis.sweep.spec import format_value
 from fedsb.analysis.sweep.stats import Interval, t_interval, verdict
 from fedsb.analysis.sweep.table import csv_value
 from fedsb.analysis.sweep.tuning import LABELLED_KEYS, TunedGroup
@@ -68,8 +69,6 @@ def context_of(group: TunedGroup, compare_keys: Sequence[str] = ()) -> str:
 
 
 def matches(group: TunedGroup, compare: Mapping[str, object]) -> bool:
-    from fedsb.analysis.sweep.spec import format_value
-
     return not group.centralised and all(
         group.grid.get(k) == (v if isinstance(v, str) else format_value(v)) for k, v in compare.items())
 

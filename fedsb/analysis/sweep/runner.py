@@ -20,6 +20,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -27,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
+import yaml
 from tqdm import tqdm
 
 from fedsb.analysis.sweep.compare import PAIRED_CSV, paired_differences, write_paired
@@ -258,11 +261,6 @@ SUMMARY_PATHS = ("data", "run_dir")
 
 
 def _relative_paths(run_dir: Path) -> None:
-    import json
-    import os
-
-    import yaml
-
     def relative(value: Any) -> Any:
         if isinstance(value, str) and os.path.isabs(value):
             return os.path.relpath(value, run_dir)
