@@ -115,8 +115,8 @@ def _ledger(context: Context, worker: Worker, message: Message | None = None
     if not worker.config.privacy.enabled:
         yield None
         return
+    from fedsb.experiment.privacy import ledger_for_client
     from fedsb.training.privacy.accounting import PrivacyLedger
-    from fedsb.training.privacy.policy import ledger_for_client
 
     if LEDGER_STATE in context.state.config_records:
         ledger = PrivacyLedger.from_json(str(context.state[LEDGER_STATE]["json"]))

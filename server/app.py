@@ -118,7 +118,8 @@ def run_server(grid: Grid, run_config: dict[str, Any]) -> ServerRun:
     # Resumed: the rows and the meter so far come back from metrics.jsonl and comm.csv.
     recorder = RunRecorder(run_dir, meter, label, log=lambda line: log(INFO, line),
                            accuracy_name="exact match" if worker.generates else "accuracy",
-                           resume_after=checkpoint.round if checkpoint else None)
+                           resume_after=checkpoint.round if checkpoint else None,
+                           tracking=config.tracking, config=config.to_dict())
     client_gradients, init_ledgers, init_ledger_json = None, {}, {}
     if checkpoint is not None:
         log(INFO, "[%s] resuming after round %d of %d", label, checkpoint.round, config.federation.rounds)

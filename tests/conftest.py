@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import importlib
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from fedsb.methods import method_names
+from fedsb.methods import method_names, register
 
 # Nothing in the test suite may touch a model or dataset hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -37,7 +40,9 @@ def require_module(name: str):
 
 
 ARCHS = ("tiny-bert", "tiny-llama", "tiny-gpt2")
-# Every registered method: a newly registered one runs through every conformance suite.
+# Every registered method: a newly registered one runs through every conformance suite. Set again in
+# pytest_configure, after `--with-method` has registered a test file's method, before any test
+# module is imported (the suites parametrize over it and over the registry at import).
 METHOD_NAMES = tuple(method_names())
 NUM_LABELS = 3
 
@@ -65,6 +70,32 @@ def arch(request) -> str:
     return request.param
 
 
-@pytest.fixture(params=METHOD_NAMES)
-def method_name(request) -> str:
-    return request.param
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--with-method", action="append", default=[], metavar="FILE::CLASS",
+                     help="register a FederatedMethod class defined in a test file (e.g. "
+                          "tests/test_method_interface.py::GradientFrozenA) before collection, so every "
+                          "conformance suite runs it beside the registered methods")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global METHOD_NAMES
+    for reference in config.getoption("--with-method"):
+        register(method_class(reference))
+    METHOD_NAMES = tuple(method_names())
+
+
+def method_class(reference: str) -> type:
+    """The class `FILE::CLASS` names, imported under the module name pytest gives a test file."""
+    file, _, name = reference.partition("::")
+    path = Path(file).resolve()
+    if str(path.parent) not in sys.path:
+        sys.path.insert(0, str(path.parent))
+    return getattr(importlib.import_module(path.stem), name)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A test that takes `method_name` and does not choose its own methods runs for every method."""
+    markers = metafunc.definition.iter_markers("parametrize")
+    chosen = any("method_name" in marker.args[0] for marker in markers)
+    if "method_name" in metafunc.fixturenames and not chosen:
+        metafunc.parametrize("method_name", METHOD_NAMES)

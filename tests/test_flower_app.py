@@ -3,6 +3,7 @@ one real `flwr run` (slow). Tiny BERT, 4 clients (tests/configs/tiny.yaml)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -13,7 +14,7 @@ import torch
 from flwr.app import MessageType, RecordDict
 
 from fedsb.cli import main as fedsb_main
-from fedsb.core.adapters import key
+from fedsb.core.adapters import effective_weights, key, load_state
 from fedsb.experiment.comm import closed_form, head_shapes
 from fedsb.experiment.config import ConfigError
 from fedsb.experiment.run_config import from_run_config
@@ -28,7 +29,7 @@ from fedsb.federation.protocol import (
     to_record,
     to_state,
 )
-from fedsb.methods import METHODS
+from fedsb.methods import METHODS, get_method
 from server.app import APP_DIR, run_server
 
 TINY = "tests/configs/tiny.yaml"
@@ -79,7 +80,7 @@ def independent_aggregate(method_name: str, scale: float, before: dict, uploads:
     after = {k: v.double() for k, v in before.items()}
     for k in uploads[0]:
         after[k] = sum(wi * u[k].double() for wi, u in zip(w, uploads, strict=True))
-    if method_name == "fedex":
+    if get_method(method_name).residual:  # FedEx-LoRA
         for k in before:
             if k.endswith(".residual"):
                 module = k.removesuffix(".residual")
@@ -117,21 +118,28 @@ def test_global_state_after_each_round_is_the_aggregate_of_that_rounds_uploads(r
         assert changed == list(uploads[0])  # training moved every uploaded tensor
 
 
-@pytest.mark.parametrize("method", ["ffa", "fedex", "fedsb"])
+@pytest.mark.parametrize("method", [name for name in METHODS if get_method(name).exact])
 def test_exact_methods_average_the_clients_effective_weights(runs, method):
+    """Round 2's global model moved by the weighted mean of what the clients' own models moved, in the
+    effective weights W0 (+ FedEx's residual) + the adapter's delta, read off a model holding each state."""
     grid, strategy, _ = runs[method]
     sent2, replies2 = train_traffic(grid, 2)
     before = {**strategy.global_state, **to_state(sent2[0].content[ADAPTER_RECORD])}
-    m = strategy.method
-    weights = torch.tensor([float(replies2[p].content[METRICS_RECORD][NUM_EXAMPLES])
-                            for p in sorted(replies2)])
+    model = copy.deepcopy(get_worker(from_run_config({"config": TINY, "method": method}, APP_DIR)).model)
+
+    def weights_of(state: dict) -> dict:
+        load_state(model, state)
+        return {name: w.double() for name, w in effective_weights(model).items()}
+
+    replies = [replies2[p].content for p in sorted(replies2)]
+    weights = torch.tensor([float(r[METRICS_RECORD][NUM_EXAMPLES]) for r in replies], dtype=torch.float64)
     weights = weights / weights.sum()
-    clients = [m.effective_delta({**before, **to_state(replies2[p].content[ADAPTER_RECORD])})
-               for p in sorted(replies2)]
-    # effective_delta includes FedEx's residual: W0 + residual + s B A, minus W0.
-    for name, delta in m.effective_delta(strategy.global_state).items():
-        mean = sum(w * c[name] for w, c in zip(weights, clients, strict=True))
-        assert (delta - mean).norm() / mean.norm() < 1e-5
+    start, after = weights_of(before), weights_of(strategy.global_state)
+    clients = [weights_of({**before, **to_state(r[ADAPTER_RECORD])}) for r in replies]
+    for name in start:
+        mean = sum(w * (c[name] - start[name]) for w, c in zip(weights, clients, strict=True))
+        assert mean.norm() > 0, name
+        assert ((after[name] - start[name]) - mean).norm() / mean.norm() < 1e-5, name
 
 
 # --- the communication meter ----------------------------------------------------------------------
@@ -141,7 +149,7 @@ def test_meter_equals_closed_form_with_init_only_on_first_participation(tmp_path
     overrides = "federation.clients_per_round=0.5; federation.rounds=3; method.init.source=clients"
     grid, strategy = simulate(tmp_path, overrides, method=method)
     worker = get_worker(from_run_config({"config": TINY, "overrides": overrides, "method": method}, APP_DIR))
-    init_up = method == "fedsb"
+    init_up = get_method(method).init_gradients  # init.source=clients: Fed-SB's clients send gradients
     counts = closed_form(strategy.method, head=head_shapes(worker.model), init_gradients=init_up)
     meter, seen, first_timers_later = strategy.meter, set(), 0
     for server_round in (1, 2, 3):
@@ -239,16 +247,16 @@ def test_exported_adapter_reproduces_the_final_evaluation(runs, method):
     val_batches = list(iterate_batches(worker.validation_tokens, 32, shuffle=False))
     test_batches = list(iterate_batches(worker.test_tokens, 32, shuffle=False))
     base = load_model("tiny-bert", task="classification", num_labels=4, seed=0)
-    peft_model = PeftModel.from_pretrained(base, run_dir / "adapter") if method != "mora" else None
-    if method == "fedex":  # the residual is dense: the exact model is the merged one
-        exact = AutoModelForSequenceClassification.from_pretrained(run_dir / "merged")
-        assert "NOT the trained model" in (run_dir / "adapter" / "FEDSB_README.md").read_text()
-    elif method == "mora":  # PEFT has no MoRA: the export is the merged model alone
-        assert not (run_dir / "adapter").exists()
-        exact = AutoModelForSequenceClassification.from_pretrained(run_dir / "merged")
-        assert "PEFT has no MoRA" in (run_dir / "merged" / "FEDSB_README.md").read_text()
+    adapter, merged = run_dir / "adapter", run_dir / "merged"
+    if get_method(method).residual:  # the residual is dense: the exact model is the merged one
+        exact = AutoModelForSequenceClassification.from_pretrained(merged)
+        assert "NOT the trained model" in (adapter / "FEDSB_README.md").read_text()
+    elif not adapter.exists():  # PEFT has no such adapter (MoRA): the export is the merged model alone
+        exact = AutoModelForSequenceClassification.from_pretrained(merged)
+        assert "PEFT has no" in (merged / "FEDSB_README.md").read_text()
     else:  # a PEFT adapter: LoRA, or MiSS for Bone
-        exact = peft_model
+        assert not merged.exists()
+        exact = PeftModel.from_pretrained(base, adapter)
     result = evaluate(exact, val_batches)
     assert result["accuracy"] == final["val_accuracy"]
     assert result["loss"] == pytest.approx(final["val_loss"], rel=1e-5)

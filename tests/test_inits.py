@@ -503,7 +503,7 @@ def test_a_bad_init_is_one_line_naming_the_key(overrides, message):
 
 
 def test_lora_ga_is_charged_and_checked_like_lora_sb_under_dp():
-    from fedsb.training.privacy.policy import charges_init, privacy_status
+    from fedsb.experiment.privacy import charges_init, privacy_status
 
     private = {"privacy.enabled": True, "method.name": "ffa", "method.init.source": "clients"}
     assert charges_init(load_config(TINY, {**private, "method.init.name": "lora_ga"}))

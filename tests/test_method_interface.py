@@ -4,7 +4,11 @@ through the real ServerApp and ClientApp (in-process grid) with no other file kn
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 from collections.abc import Mapping
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +21,7 @@ from fedsb.methods import get_method, method_names, register, unregister
 from fedsb.methods.base import FederatedMethod
 
 TINY = "tests/configs/tiny.yaml"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class GradientFrozenA(FederatedMethod):
@@ -28,6 +33,10 @@ class GradientFrozenA(FederatedMethod):
     init_gradients = True
     trainable = ("lora_B",)
     one_time = ("lora_A",)
+
+    @classmethod
+    def accepted_inits(cls) -> list[str]:
+        return [cls.default_init]  # its own state replaces any init's: it accepts no other
 
     def initial_adapter_state(self, generator: torch.Generator,
                               gradients: Mapping[str, torch.Tensor] | None = None,
@@ -76,3 +85,39 @@ def test_a_method_defined_in_a_test_file_runs_through_a_simulation(tmp_path, reg
     rows = read_metrics(tmp_path)
     assert [r.round for r in rows] == [0, 1, 2] and rows[-1].accepted == [0, 1, 2, 3]
     assert json.loads((tmp_path / "summary.json").read_text())["method"] == registered.name
+
+
+# The suites that run every registered method (each parametrizes over the registry).
+CONFORMANCE_SUITES = ("tests/test_methods.py", "tests/test_privacy.py", "tests/test_flower_app.py",
+                      "tests/test_inits.py")
+
+
+def pytest_run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=3600)
+
+
+def with_method(test_id: str, old: str, new: str) -> str | None:
+    """The test id with the method parameter `old` replaced by `new`; None if it has no such parameter."""
+    head, _, params = test_id.partition("[")
+    parts = params.removesuffix("]").split("-")
+    if old not in parts:
+        return None
+    return f"{head}[{'-'.join(new if part == old else part for part in parts)}]"
+
+
+@pytest.mark.slow
+def test_a_method_registered_by_a_test_file_runs_through_every_conformance_suite():
+    """`--with-method FILE::CLASS` registers the throw-away method before collection: it then gets every
+    test that FFA-LoRA (the same declarations: B trained, A one-time, exact) gets in the suites, bar
+    the offset inits' (test_inits.py), which it does not accept, and passes them all."""
+    name = GradientFrozenA.name
+    ffa = pytest_run("--collect-only", *CONFORMANCE_SUITES).stdout.splitlines()
+    expected = sorted(renamed for test in ffa if not test.startswith("tests/test_inits.py")
+                      and (renamed := with_method(test, "ffa", name)))
+    result = pytest_run("--with-method", f"{Path(__file__).resolve()}::GradientFrozenA", "-k", name,
+                        *CONFORMANCE_SUITES)
+    assert result.returncode == 0, result.stdout[-5000:]
+    passed = sorted(re.findall(r"^PASSED (\S+)", result.stdout, flags=re.MULTILINE))
+    assert passed == expected
+    assert {test.split("::")[0] for test in passed} == set(CONFORMANCE_SUITES) - {"tests/test_inits.py"}

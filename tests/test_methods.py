@@ -35,7 +35,7 @@ def setup(arch: str, method_name: str, dtype: torch.dtype = torch.float32):
     targets = find_target_modules(model)
     method = build_method(method_name, model, targets, RANK, ALPHA)
     gradients = None
-    if method_name == "fedsb":
+    if method.init_gradients:  # as the method declares (Fed-SB's LoRA-SB init)
         gradients = accumulate_gradients(model, targets, [random_batch(99)], num_samples=8)
     state = method.initial_state(model, torch.Generator().manual_seed(0), gradients, lr_eff=1e-3)
     load_state(model, state)

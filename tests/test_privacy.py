@@ -18,11 +18,11 @@ from fedsb.core.adapters import HEAD, State, component_of, extract_state, load_s
 from fedsb.core.init import accumulate_gradients
 from fedsb.core.models import find_target_modules, load_model
 from fedsb.experiment.config import ConfigError, load_config
+from fedsb.experiment.privacy import ledger_for_client, privacy_status
 from fedsb.methods import build_method
 from fedsb.training.privacy.accounting import BudgetExceeded, PrivacyLedger, calibrate_noise, resolve_delta
 from fedsb.training.privacy.dpsgd import PrivateStepper, train_local_private
 from fedsb.training.privacy.per_sample import per_example_loss, per_sample_gradients
-from fedsb.training.privacy.policy import ledger_for_client, privacy_status
 from fedsb.training.privacy.private_init import privatize_init_gradient
 
 DELTA = 1e-5
@@ -48,7 +48,7 @@ def setup(arch: str, method_name: str, task: str = "classification", rank: int =
     g = torch.Generator().manual_seed(1)
     gradients = {name: torch.randn(spec.out_features, spec.in_features, generator=g)
                  for name, spec in method.specs.items()}
-    state = method.initial_state(model, g, gradients if method_name == "fedsb" else None, lr_eff=1e-2)
+    state = method.initial_state(model, g, gradients if method.init_gradients else None, lr_eff=1e-2)
     # LoRA's B starts at zero, which would give A zero gradients: perturb every adapter tensor.
     state = {k: v + 0.05 * torch.randn(v.shape, generator=g) if component_of(k) != HEAD else v
              for k, v in state.items()}

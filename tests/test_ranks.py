@@ -359,8 +359,8 @@ def test_real_flwr_run_with_mixed_ranks_is_the_in_process_run(tmp_path, method, 
 def test_a_private_client_of_a_lower_rank_trains_and_uploads_its_prefix():
     """DP-SGD (Opacus) on a rank-2 client inside a rank-8 federation with nested ranks: the upload is the
     rank-2 prefix, every uploaded tensor moved, and the steps are charged to the client's ledger."""
+    from fedsb.experiment.privacy import ledger_for_client
     from fedsb.experiment.worker import Worker
-    from fedsb.training.privacy.policy import ledger_for_client
 
     config = load_config(TINY, {"method.name": "fedit", "method.rank": 8, "federation.client_ranks": [2, 8],
                                 "train.nested_ranks": True, "privacy.enabled": True})

@@ -201,7 +201,7 @@ class EvalConfig:
     truncated_ranks: list[int] | None = None
 
 
-# --- privacy (fedsb.training.privacy.policy) ---------------------------------------------------------
+# --- privacy (fedsb.experiment.privacy) ---------------------------------------------------------
 
 @dataclass
 class PrivacyConfig:
@@ -237,6 +237,9 @@ class ExperimentConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     seed: int = 0  # everything random derives from the seed
     output_dir: str = "runs"  # a run directory is created inside it
+    # Experiment trackers fed every round's metrics and the config (fedsb.experiment.tracking):
+    # tensorboard (event files in the run directory), mlflow and wandb (pip extras of those names).
+    tracking: list[str] = field(default_factory=list)
 
     # -- derived values ------------------------------------------------------------------
     @property

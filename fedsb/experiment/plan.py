@@ -204,7 +204,7 @@ def _privacy(config: ExperimentConfig, sizes: list[int]) -> list[ClientPrivacy] 
     """Each client's calibrated ledger (clients of equal size share one calibration)."""
     if not config.privacy.enabled:
         return None
-    from fedsb.training.privacy.policy import ledger_for_client  # opacus: only when DP is on
+    from fedsb.experiment.privacy import ledger_for_client  # opacus: only when DP is on
 
     smallest = min(sizes)
     delta = config.privacy.delta
@@ -321,7 +321,7 @@ def format_plan(plan: Plan) -> str:
     if plan.privacy is None:
         lines.append("privacy: off")
     else:
-        from fedsb.training.privacy.policy import max_local_steps
+        from fedsb.experiment.privacy import max_local_steps
 
         pv = c.privacy
         lines.append(f"privacy: epsilon {pv.epsilon:g} per client over {max_local_steps(c)} DP-SGD steps, "

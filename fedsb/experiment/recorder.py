@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from fedsb.experiment.config import flatten
 from fedsb.experiment.meter import CSV_FIELDS, Meter, read_comm_csv
 from fedsb.experiment.summary import (
     METRICS_FILE,
@@ -18,6 +19,7 @@ from fedsb.experiment.summary import (
     append_metrics,
     read_metrics,
 )
+from fedsb.experiment.tracking import Tracking
 
 
 class RunRecorder:
@@ -25,13 +27,18 @@ class RunRecorder:
 
     `end_round` is called once per round (round 0 = before training: the initial evaluation
     and any init traffic), after the round's messages have been metered, with the evaluation of
-    the global state on the validation split.
+    the global state on the validation split. The config's trackers (`tracking`) get the same rows
+    and, with the summary, the test numbers.
     """
 
     def __init__(self, run_dir: Path, meter: Meter, label: str, log: Callable[[str], None] = print,
-                 accuracy_name: str = "accuracy", resume_after: int | None = None):
-        """`resume_after`: a resumed run's last checkpointed round, whose outputs are read back."""
+                 accuracy_name: str = "accuracy", resume_after: int | None = None,
+                 tracking: list[str] | None = None, config: dict[str, Any] | None = None):
+        """`resume_after`: a resumed run's last checkpointed round, whose outputs are read back.
+        `tracking`: tracker names (fedsb.experiment.tracking), started with the flattened `config`."""
         self.run_dir = Path(run_dir)
+        self.tracking = Tracking(tracking or [])
+        self.tracking.start(self.run_dir, self.run_dir.name, flatten(config or {}))
         self.meter = meter
         self.label = label  # e.g. "fedsb r=16": the prefix of every log line
         self.log = log
@@ -77,6 +84,7 @@ class RunRecorder:
             wall_s=round(time.monotonic() - self.start, 2), **extra)
         self.rows.append(row)
         append_metrics(self.run_dir, row)
+        self.tracking.log_round(dataclasses.asdict(row))
         with open(self.run_dir / "comm.csv", "a", newline="") as f:
             writer = csv.writer(f)
             for entry in self.meter.select(round=server_round):
@@ -138,4 +146,5 @@ class RunRecorder:
             privacy=privacy or PrivacySummary(),
         )
         summary.write(self.run_dir)
+        self.tracking.finish(dataclasses.asdict(summary))
         return summary

@@ -12,7 +12,7 @@ from fedsb.experiment.worker import Worker
 
 
 def _privacy_status(config: ExperimentConfig) -> str:
-    from fedsb.training.privacy.policy import privacy_status
+    from fedsb.experiment.privacy import privacy_status
 
     return privacy_status(config)
 

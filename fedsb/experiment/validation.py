@@ -128,9 +128,17 @@ def _check_header(c: ExperimentConfig) -> None:
                  "a column position, an integer such as 0 or 1, with data.header=false")
 
 
+def _check_tracking(names: list[str]) -> None:
+    from fedsb.experiment.tracking import tracking_problem  # torch-free
+
+    if (problem := tracking_problem(names)) is not None:
+        raise ConfigError(f"tracking: {problem}")
+
+
 def validate(c: ExperimentConfig) -> None:
     """Range checks and cross-field checks; file existence for local data."""
     _require(c.model.max_length >= 8, "model.max_length", c.model.max_length, "an integer >= 8")
+    _check_tracking(c.tracking)
     _check_device(c.model.device)
     from fedsb.methods import method_names  # torch-free: the registry imports a method when it is built
 
@@ -199,7 +207,7 @@ def validate(c: ExperimentConfig) -> None:
         hub_ok = name == "test_file" and c.model.task == "causal_lm" and str(value).startswith("hf:")
         if value is not None and not hub_ok:
             _require(Path(value).expanduser().is_file(), f"data.{name}", value, "an existing file or null")
-    # privacy (fedsb.training.privacy.policy) -------------------------------------------------------
+    # privacy (fedsb.experiment.privacy) -------------------------------------------------------
     pv = c.privacy
     _require(pv.epsilon > 0, "privacy.epsilon", pv.epsilon, "a positive number")
     _require(pv.delta is None or 0 < pv.delta < 1, "privacy.delta", pv.delta, "a number in (0, 1) or null")

@@ -1,7 +1,8 @@
 """The real ServerApp and ClientApp in one process, over an in-process Grid: `fedsb demo` and the tests.
 
 Only the network is replaced. `InProcessGrid.send_and_receive` hands each message to the
-ClientApp (`clients.app.app`) with that node's own Context (its node_config and persistent
+ClientApp (`clients.app.app`, loaded from the app directory as Flower loads it:
+`fedsb.federation.apps`) with that node's own Context (its node_config and persistent
 state), as a SuperNode would, and a ClientApp exception becomes an error reply, as in Flower.
 Clients get deep copies of the messages, so nothing is shared by reference between server and
 client. So `fedsb demo` runs the same round loop as `flwr run` (`server.app.run_server`), with
@@ -20,14 +21,14 @@ import multiprocessing
 import random
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any
 
 import torch
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-if TYPE_CHECKING:
-    from server.app import ServerRun
+from fedsb.federation.apps import load_client_app, load_server_runner, project_dir
 
 # (partition id, reply) -> reply: to forge bad updates in tests; None: the reply is lost (a timeout)
 Tamper = Callable[[int, Message], Message | None]
@@ -38,8 +39,10 @@ class InProcessGrid:
 
     def __init__(self, num_nodes: int, run_config: Mapping[str, Any], seed: int = 0,
                  tamper: Tamper | None = None, client_threads: int | None = None,
-                 client_processes: int | None = None):
+                 client_processes: int | None = None, app_dir: str | Path | None = None):
         _set_task_identity()
+        app_dir = Path(app_dir or project_dir()).resolve()
+        self.client_app = load_client_app(app_dir)
         rng = random.Random(seed)
         node_ids = [rng.randrange(1, 2**62) for _ in range(num_nodes)]
         self.contexts = {
@@ -59,7 +62,7 @@ class InProcessGrid:
         self._running: dict[str, Any] = {}  # with a pool: message id -> its pending result
         if client_processes:  # spawned: torch's threads do not survive a fork
             self._pool = multiprocessing.get_context("spawn").Pool(
-                client_processes, initializer=_start_client_process, initargs=(client_threads,))
+                client_processes, initializer=_start_client_process, initargs=(client_threads, app_dir))
 
     def close(self) -> None:
         """Stop the worker processes (a grid without a pool has none)."""
@@ -123,11 +126,9 @@ class InProcessGrid:
         return replies
 
     def _deliver(self, message: Message) -> Message | None:
-        from clients.app import app as client_app
-
         context = self.contexts[message.metadata.dst_node_id]
         with _threads(self.client_threads):
-            reply = _call_client(client_app, _copy(message), context)
+            reply = _call_client(self.client_app, _copy(message), context)
         return self._received(context, reply)
 
     def _received(self, context: Context, reply: Message) -> Message | None:
@@ -150,35 +151,41 @@ def _set_task_identity() -> None:
     TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = 1
 
 
-def _start_client_process(client_threads: int | None) -> None:
+_worker_client_app: Any = None  # in a worker process: the ClientApp it serves
+
+
+def _start_client_process(client_threads: int | None, app_dir: Path) -> None:
+    global _worker_client_app
     _set_task_identity()
     if client_threads:
         torch.set_num_threads(client_threads)
+    _worker_client_app = load_client_app(app_dir)
 
 
 def _serve(message: Message, context: Context) -> tuple[Message, int, RecordDict]:
     """In a worker process: the ClientApp's reply, and the state its node keeps (the message and
     context arrive pickled, so nothing is shared with the server)."""
-    from clients.app import app as client_app
-
-    reply = _call_client(client_app, message, context)
+    reply = _call_client(_worker_client_app, message, context)
     return reply, message.metadata.dst_node_id, context.state
 
 
 def run_in_process(run_config: Mapping[str, Any], num_nodes: int | None = None, *,
                    tamper: Tamper | None = None, client_threads: int | None = None,
-                   client_processes: int | None = None) -> tuple[InProcessGrid, ServerRun]:
-    """One whole run of the ServerApp (`server.app.run_server`) over an in-process grid of num_nodes
-    virtual clients (default: the config's federation.num_clients, as `fedsb run` starts); with
-    `client_processes`, the clients run in that many worker processes."""
+                   client_processes: int | None = None,
+                   app_dir: str | Path | None = None) -> tuple[InProcessGrid, Any]:
+    """One whole run of the ServerApp (`server.app.run_server`, returning its `ServerRun`) over an
+    in-process grid of num_nodes virtual clients (default: the config's federation.num_clients, as
+    `fedsb run` starts); with `client_processes`, the clients run in that many worker processes.
+    The apps come from `app_dir` (default: the project root), as `flwr run` takes them."""
     from fedsb.experiment.config import AUTO_CLIENTS
     from fedsb.experiment.run_config import from_run_config
-    from server.app import APP_DIR, run_server
 
+    app_dir = Path(app_dir or project_dir()).resolve()
+    run_server = load_server_runner(app_dir)
     if num_nodes is None:
-        num_nodes = from_run_config(run_config, APP_DIR).with_clients(AUTO_CLIENTS).federation.num_clients
+        num_nodes = from_run_config(run_config, app_dir).with_clients(AUTO_CLIENTS).federation.num_clients
     grid = InProcessGrid(num_nodes, run_config, tamper=tamper, client_threads=client_threads,
-                         client_processes=client_processes)
+                         client_processes=client_processes, app_dir=app_dir)
     try:
         return grid, run_server(grid, dict(run_config))
     finally:

@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 from fedsb.experiment.checkpoint import has_checkpoint, read_checkpoint
 from fedsb.experiment.config import AUTO_CLIENTS, ExperimentConfig, flatten, is_file_source, load_config
 from fedsb.experiment.rundir import run_dir_for, write_config
+from fedsb.federation.apps import project_dir
 from fedsb.ops.flwr_cli import COMPLETED, FINISHED, flower_env, run_flwr, write_connection
 from fedsb.ops.interrupts import deferred, signal_name
 from fedsb.ops.processes import (
@@ -78,15 +79,6 @@ class RunOutcome:
     @property
     def ok(self) -> bool:
         return self.status == COMPLETED
-
-
-def project_dir() -> Path:
-    """The Flower app directory: the fedsb project root (where pyproject.toml has [tool.flwr.app])."""
-    root = Path(__file__).resolve().parents[2]
-    if not (root / "pyproject.toml").is_file():
-        raise FileNotFoundError(f"{root} has no pyproject.toml: install fedsb from a clone with "
-                                "`pip install -e .`, or pass --app DIR")
-    return root
 
 
 @contextlib.contextmanager
@@ -423,13 +415,14 @@ def run_in_process_engine(config_path: str | Path | None, overrides: Mapping[str
     and memory; `tests/test_engines.py` holds the two engines equal, metrics, bytes and adapter.
 
     The server's log goes to <run dir>/run.log (and to `echo` with `stream`). A run that raises is
-    returned as `finished:failed` with its reason, as Flower reports a failed run. `app_dir`,
-    `timeout_s` and `simulation` are accepted for the runner's signature and not used."""
+    returned as `finished:failed` with its reason, as Flower reports a failed run. The apps come from
+    `app_dir` (default: the project root); `timeout_s` and `simulation` are accepted for the runner's
+    signature and not used."""
     import os
 
     from fedsb.federation.inprocess import run_in_process
 
-    del app_dir, timeout_s, simulation
+    del timeout_s, simulation
     start = time.monotonic()
     if resume is not None:
         run_dir = Path(resume).expanduser().resolve()
@@ -457,7 +450,7 @@ def run_in_process_engine(config_path: str | Path | None, overrides: Mapping[str
     status, details = f"{FINISHED}:failed", ""
     try:
         run_in_process(run_config, config.federation.num_clients, client_threads=cpus_per_client,
-                       client_processes=client_processes)
+                       client_processes=client_processes, app_dir=app_dir)
         status = COMPLETED
     except Exception as err:  # noqa: BLE001 - a failed run is an outcome, as Flower reports one
         details = f"{type(err).__name__}: {err}"

@@ -54,8 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """`fedsb deploy-local`: one deployment, one run; exit status 0 only if the run completed."""
+    from fedsb.federation.apps import project_dir
     from fedsb.ops.deploy.local import deploy_local
-    from fedsb.ops.launch import project_dir
     from fedsb.ops.processes import ProcessError
 
     try:

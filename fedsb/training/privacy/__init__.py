@@ -13,11 +13,11 @@ run (target epsilon, delta, its sample rate, the largest number of local steps i
 over all rounds, plus the init charge if any), and its `PrivacyLedger` (an Opacus accountant's
 history plus those constants) travels in the client's state between rounds as a JSON dict.
 
-The parts, each imported from its own module (nothing is re-exported here):
+The parts, each imported from its own module (nothing is re-exported here; what an experiment's
+config means for privacy, its step budget and a client's calibrated ledger, is
+`fedsb.experiment.privacy`):
 
 - `accounting`: delta, noise calibration, `PrivacyLedger`, `BudgetExceeded` (no torch; JSON state)
-- `policy`: what an experiment config means for privacy (`max_local_steps`, `charges_init`,
-  `privacy_status`, `ledger_for_client`)
 - `per_sample`: per-example losses and their per-sample gradients via Opacus hooks on a shared model
 - `dpsgd`: the private optimiser step (`PrivateStepper`) and a client's round (`train_local_private`)
 - `private_init`: Fed-SB's init gradient under DP (`privatize_init_gradient`)

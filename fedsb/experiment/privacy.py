@@ -1,6 +1,7 @@
 """What an experiment config means for privacy: step budget, init charge, status, a client's ledger.
 
-The glue between `fedsb.experiment.config` and `accounting`: how many DP-SGD steps a client's
+The glue between the experiment's config and `fedsb.training.privacy.accounting` (it lives here,
+in the experiment layer, because it reads the config): how many DP-SGD steps a client's
 noise is calibrated for, whether its ledger also pays for Fed-SB's private init, whether the run
 is private at all, and the calibrated fresh ledger for a client of a given size.
 """
