@@ -116,3 +116,30 @@ def test_trimmed_batches_give_the_same_outputs_as_fully_padded_ones(arch):
     assert data.trim_padding(left)["input_ids"].shape[1] == 32
     per_token = {**full, "labels": full["input_ids"]}
     assert data.trim_padding(per_token)["input_ids"].shape[1] == 32
+
+
+@pytest.mark.parametrize("arch", ["tiny-bert", "tiny-gpt2"])
+def test_evaluation_batches_sort_by_length_and_evaluate_as_file_order_does(arch):
+    """Every row once, shortest first, far fewer token positions than file order; `evaluate` on them
+    gives the file order's accuracy and loss (sums over examples: the order only rounds)."""
+    from fedsb.core.models import load_model, load_tokenizer
+    from fedsb.training.local import evaluate
+
+    model = load_model(arch, task="classification", num_labels=2, seed=0).eval()
+    g = torch.Generator().manual_seed(0)
+    words = ["good", "bad", "film", "plot", "dull", "fine", "actor", "scene"]
+    lengths = [1 + int(torch.randint(0, 3, (), generator=g)) if i % 5 else 30 for i in range(60)]
+    texts = [" ".join(words[int(j)] for j in torch.randint(0, 8, (n,), generator=g)) for n in lengths]
+    ds = Dataset.from_dict({"text": texts, "label": [i % 2 for i in range(60)]})
+    tokens = data.tokenize(ds, load_tokenizer(arch), max_length=40, cache=False)
+    in_order = list(data.iterate_batches(tokens, 8, shuffle=False))
+    by_length = list(data.evaluation_batches(tokens, 8))
+    rows = torch.cat([b["input_ids"][:, :3] for b in by_length])
+    assert sorted(map(tuple, rows.tolist())) == sorted(map(tuple, tokens["input_ids"][:, :3].tolist()))
+    widths = [b["input_ids"].shape[1] for b in by_length]
+    assert widths == sorted(widths)
+    padded, sorted_padded = (sum(b["input_ids"].numel() for b in bs) for bs in (in_order, by_length))
+    assert sorted_padded < 0.5 * padded, (sorted_padded, padded)
+    a, b = evaluate(model, in_order), evaluate(model, by_length)
+    assert a["accuracy"] == b["accuracy"] and a["examples"] == b["examples"] == 60
+    assert b["loss"] == pytest.approx(a["loss"], rel=1e-6)

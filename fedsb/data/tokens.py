@@ -308,6 +308,21 @@ def iterate_batches(data: Mapping[str, torch.Tensor], batch_size: int, *, shuffl
         yield trim_padding({k: v[index] for k, v in data.items()})
 
 
+def evaluation_batches(data: Mapping[str, torch.Tensor], batch_size: int
+                       ) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches for evaluation, shortest rows first, so that each batch is trimmed to rows of about
+    its own length (`trim_padding`): on SST-2's validation split (13 tokens on average, up to 58)
+    batches of 64 in file order hold 3.3x the token positions of length-sorted ones, and the
+    server's evaluation is most of a round. What `evaluate` returns (sums over examples) does not
+    depend on the order; the batches' shapes change its floats by rounding only."""
+    mask = data.get("attention_mask")
+    n = len(next(iter(data.values())))
+    order = torch.argsort(mask.sum(1), stable=True) if mask is not None else torch.arange(n)
+    for start in range(0, n, batch_size):
+        index = order[start:start + batch_size]
+        yield trim_padding({k: v[index] for k, v in data.items()})
+
+
 def trim_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Drop the trailing columns that are padding in every row of a batch.
 

@@ -40,7 +40,13 @@ from fedsb.core.init import accumulate_gradients
 from fedsb.core.memory import release_free_memory
 from fedsb.core.models import find_target_modules, load_model, load_tokenizer, resolve_device, resolve_dtype
 from fedsb.data.schema import TEXT_PAIR, column
-from fedsb.data.tokens import iterate_batches, tokenize, tokenize_instructions, tokenize_prompts
+from fedsb.data.tokens import (
+    evaluation_batches,
+    iterate_batches,
+    tokenize,
+    tokenize_instructions,
+    tokenize_prompts,
+)
 from fedsb.experiment.cohort import hash_seed
 from fedsb.experiment.config import AUTO_CLIENTS, ExperimentConfig
 from fedsb.experiment.prepared import PreparedPartitions, read_prepared, share_base_weights
@@ -261,8 +267,8 @@ class Worker:
         rank = self.client_rank(state)
         load_state(self.model, self.method.client_state(state, self.computed_fixed_state))
         with self.at_rank(rank):
-            return evaluate(self.model, iterate_batches(self.client_tokens(partition_id),
-                                                        self.config.eval.batch_size, shuffle=False))
+            return evaluate(self.model, evaluation_batches(self.client_tokens(partition_id),
+                                                           self.config.eval.batch_size))
 
     # -- server side -----------------------------------------------------------------------
     def _gradients(self, data: dict[str, torch.Tensor], num_samples: int) -> dict[str, torch.Tensor]:
@@ -307,7 +313,7 @@ class Worker:
             return self._evaluate(tokens, split)
 
     def _evaluate(self, tokens: dict[str, torch.Tensor], split: str) -> dict[str, float]:
-        metrics = evaluate(self.model, iterate_batches(tokens, self.config.eval.batch_size, shuffle=False))
+        metrics = evaluate(self.model, evaluation_batches(tokens, self.config.eval.batch_size))
         if not self.generates:
             return metrics
         # A causal LM: `accuracy` is the exact match of its generated answers (the number a run reports
