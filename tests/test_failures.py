@@ -169,7 +169,9 @@ def test_failing_and_silent_clients_are_recorded_and_the_round_goes_on(tmp_path,
     def tamper(pid, reply):  # client 2 never answers
         return None if pid == 2 and reply.metadata.message_type == "train" else reply
 
-    overrides = "federation.rounds=1; federation.round_timeout_s=2"
+    # The in-process grid trains the answering clients within the round's timeout, one after the
+    # other: 10 s leaves them time on a loaded machine, and client 2's silence still expires.
+    overrides = "federation.rounds=1; federation.round_timeout_s=10"
     _, run = run_in_process({"config": TINY, "run-dir": str(tmp_path), "overrides": overrides}, tamper=tamper)
     log = run.strategy.rounds[1]
     assert log.failed == {1: "the client failed: RuntimeError: CUDA out of memory",
