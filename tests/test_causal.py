@@ -37,6 +37,7 @@ def test_every_method_fine_tunes_a_causal_lm_and_reports_exact_match(tmp_path, m
     assert uploaded and all(not torch.equal(strategy.global_state[k], initial[k]) for k in uploaded)
 
 
+@pytest.mark.slow
 def test_a_causal_lm_trains_privately(tmp_path):
     run_in_process({"config": TINY, "run-dir": str(tmp_path), "method": "ffa", "privacy-epsilon": 8})
     summary = json.loads((tmp_path / "summary.json").read_text())

@@ -230,6 +230,7 @@ def test_check_prints_the_plan_of_a_good_config(files, no_flower, capsys):
     assert not (files["tmp"] / "runs").exists()
 
 
+@pytest.mark.slow
 def test_the_plan_is_the_workers_data_and_privacy_calibration(files):
     config = load_config(TINY, {"output_dir": str(files["tmp"] / "runs"), "privacy.enabled": True})
     plan = check_plan(config)

@@ -76,6 +76,7 @@ def test_the_in_process_engine_runs_the_flower_run_to_the_bit(engines, method):
     assert (local / "run.log").is_file() and "round 2" in (local / "run.log").read_text()
 
 
+@pytest.mark.slow
 def test_the_in_process_engine_checks_writes_and_refuses_to_rerun_a_finished_run(tmp_path):
     """`fedsb run --engine inprocess`: a bad config stops before anything starts; a good one writes its
     run directory and log; resuming a finished run does nothing (a stopped one is resumed from its

@@ -154,6 +154,7 @@ def test_the_superlinks_error_for_an_unreachable_node_fails_that_client(tmp_path
     assert log.accepted == [p for p in log.cohort if p != 1]
 
 
+@pytest.mark.slow
 def test_failing_and_silent_clients_are_recorded_and_the_round_goes_on(tmp_path, monkeypatch):
     from fedsb.experiment.worker import Worker
 

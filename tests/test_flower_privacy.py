@@ -60,6 +60,7 @@ def test_every_method_trains_privately_and_writes_the_ledger(tmp_path, method):
     assert moved == list(run.strategy.method.upload(run.strategy.global_state))
 
 
+@pytest.mark.slow
 def test_reported_epsilon_is_the_one_shot_composition_of_every_step(tmp_path):
     _, run = private_run(tmp_path, "fedit", "federation.rounds=3")
     for ledger in run.privacy.ledgers.values():

@@ -57,6 +57,7 @@ def test_prepared_tokens_are_every_clients_tokens_from_the_data(prepared_run):
     assert read_prepared(prepared_run, other) is None
 
 
+@pytest.mark.slow
 def test_a_client_serving_prepared_tokens_never_imports_the_data_libraries(prepared_run):
     """In a fresh process, as a Ray client actor: a Worker given the run directory trains a client
     on the prepared tokens; datasets, flwr-datasets, pandas and matplotlib are never imported."""
@@ -118,6 +119,7 @@ def test_discovery_by_message_at_2000_nodes_finds_every_nodes_own_partition():
     assert len(grid.sent) == 2000  # one query per node, sent together
 
 
+@pytest.mark.slow
 def test_the_launcher_process_never_imports_torch(tmp_path):
     """`fedsb run`'s own process checks the config in a child (which imports torch and exits) and
     follows the run over the Control API: what it holds during the run is light."""

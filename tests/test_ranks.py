@@ -298,6 +298,7 @@ def test_meter_equals_the_closed_form_for_each_client_rank(mixed_run):
 
 # --- nested ranks (DyLoRA) -------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_nested_ranks_make_truncation_cheaper():
     """The packaged MiniLM on the generated 8-topic task, one client, 30 steps: truncated to r/8 and r/4,
     an adapter trained with nested ranks loses less validation loss (and no more accuracy) than one
