@@ -20,6 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from fedsb.analysis.sweep.runner import kept_paths
+from fedsb.experiment.run_config import format_override_list
 from fedsb.federation.inprocess import run_in_process
 
 FIELDS = ("val_accuracy", "val_loss", "bytes_up", "bytes_down")
@@ -42,8 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="where the rerun goes (default: a temp dir)")
     args = parser.parse_args(argv)
     out = args.out or Path(tempfile.mkdtemp(prefix="fedsb-rerun-"))
-    run_in_process({"config": str((args.run_dir / "config.yaml").resolve()), "run-dir": str(out)},
-                   client_threads=1)
+    # A study's kept cell names its data relative to its own directory: rerun it with those paths.
+    overrides = format_override_list(kept_paths(args.run_dir))
+    run_in_process({"config": str((args.run_dir / "config.yaml").resolve()), "run-dir": str(out),
+                    "overrides": overrides}, client_threads=1)
     recorded, rerun = rows(args.run_dir), rows(out)
     ok = len(recorded) == len(rerun)
     print(f"round  {'recorded val acc / loss / up / down':>48}  {'rerun':>48}")

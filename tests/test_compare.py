@@ -15,7 +15,7 @@ import yaml
 from test_sweep import FakeRunner, read_csv, write_sweep
 
 from fedsb.analysis.sweep.compare import MARGIN, paired_differences
-from fedsb.analysis.sweep.runner import keep_results_only, pace, run_sweep
+from fedsb.analysis.sweep.runner import keep_results_only, kept_paths, pace, run_sweep
 from fedsb.analysis.sweep.spec import RESULT_FILES, SweepError, load_sweep
 from fedsb.analysis.sweep.stats import DOES_NOT_HOLD, HOLDS, UNDECIDED, t_interval, t_quantile, verdict
 from fedsb.analysis.sweep.tuning import tune_results
@@ -145,6 +145,13 @@ def test_keep_results_leaves_only_the_small_outputs(tmp_path):
     relative = "../../data/train.tsv"
     assert config == {"data": {"source": relative, "test_file": None}, "output_dir": "..", "seed": 3}
     assert json.loads((run_dir / "summary.json").read_text()) == {"data": relative, "run_dir": ".", "seed": 3}
+    # Rerunning the kept cell gets its paths back, absolute (benchmarks/rerun_check.py); a missing
+    # data file is left out.
+    assert kept_paths(run_dir) == {"output_dir": str(tmp_path.resolve())}
+    outside.parent.mkdir(exist_ok=True)
+    outside.write_text("text,label\n")
+    assert kept_paths(run_dir) == {"data.source": str(outside.resolve()),
+                                   "output_dir": str(tmp_path.resolve())}
 
 
 def test_a_study_with_keep_results_prunes_each_completed_cell(tmp_path):

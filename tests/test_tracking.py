@@ -59,7 +59,8 @@ def expected_rounds(run_dir: Path) -> dict[int, dict[str, float]]:
     rows = {}
     for row in read_metrics(run_dir):
         values = {k: getattr(row, k) for k in ROUND_METRICS}
-        rows[row.round] = {k: float(v) for k, v in values.items() if v is not None}
+        rows[row.round] = {k: float(v) for k, v in values.items()
+                           if isinstance(v, (int, float)) and not isinstance(v, bool)}
     assert sorted(rows) == [0, 1, 2] and "train_loss" in rows[1] and rows[1]["bytes_up"] > 0
     return rows
 

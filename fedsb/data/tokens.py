@@ -297,28 +297,32 @@ def make_dataloader(data: Mapping[str, torch.Tensor], batch_size: int, *, shuffl
 def iterate_batches(data: Mapping[str, torch.Tensor], batch_size: int, *, shuffle: bool = True,
                     seed: int = 0, drop_last: bool = False) -> Iterator[dict[str, torch.Tensor]]:
     """Yield dict batches by slicing the tensors (faster than a DataLoader; same seeding)."""
-    if batch_size < 1:
-        raise DataError(f"batch_size must be >= 1, got {batch_size}")
     n = len(next(iter(data.values())))
     order = (torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if shuffle
              else torch.arange(n))
-    stop = n - n % batch_size if drop_last else n
-    for start in range(0, stop, batch_size):
-        index = order[start:start + batch_size]
-        yield trim_padding({k: v[index] for k, v in data.items()})
+    stop = n - n % batch_size if drop_last and batch_size > 0 else n
+    yield from _slices(data, order[:stop], batch_size)
 
 
 def evaluation_batches(data: Mapping[str, torch.Tensor], batch_size: int
                        ) -> Iterator[dict[str, torch.Tensor]]:
     """Batches for evaluation, shortest rows first, so that each batch is trimmed to rows of about
     its own length (`trim_padding`): on SST-2's validation split (13 tokens on average, up to 58)
-    batches of 64 in file order hold 3.3x the token positions of length-sorted ones, and the
-    server's evaluation is most of a round. What `evaluate` returns (sums over examples) does not
-    depend on the order; the batches' shapes change its floats by rounding only."""
+    batches of 64 in file order hold 3.3x the token positions of length-sorted ones
+    (benchmarks/evaluation_order.py). What `evaluate` returns (sums over examples) does not depend
+    on the order; the batches' shapes change its floats by rounding only."""
     mask = data.get("attention_mask")
-    n = len(next(iter(data.values())))
-    order = torch.argsort(mask.sum(1), stable=True) if mask is not None else torch.arange(n)
-    for start in range(0, n, batch_size):
+    order = (torch.argsort(mask.sum(1), stable=True) if mask is not None
+             else torch.arange(len(next(iter(data.values())))))
+    yield from _slices(data, order, batch_size)
+
+
+def _slices(data: Mapping[str, torch.Tensor], order: torch.Tensor, batch_size: int
+            ) -> Iterator[dict[str, torch.Tensor]]:
+    """The rows `order` lists, batch_size at a time, each batch trimmed of its all-padding tail."""
+    if batch_size < 1:
+        raise DataError(f"batch_size must be >= 1, got {batch_size}")
+    for start in range(0, len(order), batch_size):
         index = order[start:start + batch_size]
         yield trim_padding({k: v[index] for k, v in data.items()})
 

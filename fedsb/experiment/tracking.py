@@ -17,6 +17,7 @@ record, and a tracker is a view of them in the user's tool:
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 import os
@@ -24,10 +25,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
-# The numbers of a metrics row a tracker plots, by round; None (not measured) is left out.
-ROUND_METRICS = ("val_accuracy", "val_loss", "val_perplexity", "train_loss", "bytes_up", "bytes_down",
-                 "cum_bytes_up", "cum_bytes_down", "wire_bytes_up", "wire_bytes_down", "wall_s",
-                 "epsilon_max", "epsilon_mean", "epsilon_max_all", "gpu_peak_bytes")
+from fedsb.experiment.summary import MetricsRow
+
+# A tracker plots, by round, every field of the metrics row that holds a number (`numbers` leaves out
+# None, the cohort's lists and the reasons' dicts).
+ROUND_METRICS = tuple(f.name for f in dataclasses.fields(MetricsRow) if f.name != "round")
 SUMMARY_METRICS = ("test_accuracy", "test_loss", "final_test_accuracy", "final_test_loss",
                    "best_val_accuracy", "best_round", "rounds_completed", "wall_s")
 

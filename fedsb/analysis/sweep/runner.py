@@ -284,6 +284,21 @@ def _relative_paths(run_dir: Path) -> None:
         summary_path.write_text(json.dumps(summary, indent=2) + "\n")
 
 
+def kept_paths(run_dir: Path) -> dict[str, str]:
+    """The path keys of a kept cell's config.yaml (relative to the run directory, as
+    `_relative_paths` wrote them) as dotted overrides with absolute paths again: what rerunning the
+    cell from another directory needs. Values that do not name an existing path are left out."""
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    paths = {}
+    for keys in CONFIG_PATHS:
+        node = config
+        for part in keys:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, str) and not os.path.isabs(node) and (run_dir / node).exists():
+            paths[".".join(keys)] = str((run_dir / node).resolve())
+    return paths
+
+
 def _finish(row: dict[str, Any]) -> dict[str, Any]:
     row["error"] = " ".join(str(row.get("error", "")).split())  # one line in the CSV
     row["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
